@@ -1,0 +1,300 @@
+"""The commit protocol every on-disk backend shares.
+
+A step is written into a hidden staging directory, every file is fsynced, a manifest with each
+file's size and CRC32 is written last, and one ``rename`` makes ``step-N`` appear. A crash at
+any instant therefore leaves either no ``step-N`` or a complete one; staging leftovers are never
+listed and are removed by the next writer. The manifest lets a load reject flipped bytes,
+truncation and missing files with an error naming the file, instead of returning wrong weights.
+
+Staging names avoid the substring ``step-`` so TorchTitan's own ``step-(\\d+)`` scan never picks
+a half-written directory either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+import zlib
+from dataclasses import dataclass
+from typing import Iterator
+
+from .errors import CorruptCheckpointError, StepNotFoundError, UnsafeCheckpointError
+from .safepath import check_no_escaping_links, safe_join
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "titan-checkpointing/1"
+STEP_RE = re.compile(r"^step-(\d+)$")
+STAGING_PREFIX = ".inflight-"
+TRASH_PREFIX = ".trash-"
+_CHUNK = 16 << 20
+
+
+def crc32_file(path: str) -> tuple[int, int]:
+    """(size, crc32) of a file, read in chunks."""
+    crc, size = 0, 0
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            crc = zlib.crc32(view[:n], crc)
+            size += n
+    return size, crc
+
+
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _files_under(root: str) -> list[str]:
+    out = []
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            out.append(os.path.relpath(os.path.join(dirpath, name), root))
+    return sorted(out)
+
+
+@dataclass
+class Manifest:
+    step: int
+    backend: str
+    files: dict[str, dict[str, int]]  # relpath -> {"size": int, "crc32": int}
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"format": MANIFEST_FORMAT, "step": self.step, "backend": self.backend, "files": self.files},
+            indent=1,
+            sort_keys=True,
+        )
+
+    @classmethod
+    def read(cls, step_dir: str) -> "Manifest":
+        path = os.path.join(step_dir, MANIFEST)
+        try:
+            with open(path, "rb") as f:
+                raw = json.loads(f.read(64 << 20))
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"manifest missing: {path}", path) from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CorruptCheckpointError(f"manifest is not valid JSON: {path}: {e}", path) from None
+        if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT or not isinstance(raw.get("files"), dict):
+            raise CorruptCheckpointError(f"manifest has an unknown format: {path}", path)
+        files: dict[str, dict[str, int]] = {}
+        for rel, entry in raw["files"].items():
+            safe_join(step_dir, rel)  # never trust a path from disk
+            if (
+                not isinstance(entry, dict)
+                or not isinstance(entry.get("size"), int)
+                or not isinstance(entry.get("crc32"), int)
+            ):
+                raise CorruptCheckpointError(f"manifest entry for {rel!r} is malformed: {path}", path)
+            files[rel] = {"size": entry["size"], "crc32": entry["crc32"]}
+        return cls(step=int(raw.get("step", -1)), backend=str(raw.get("backend", "")), files=files)
+
+    @classmethod
+    def build(cls, step_dir: str, step: int, backend: str) -> "Manifest":
+        files = {}
+        for rel in _files_under(step_dir):
+            if rel == MANIFEST:
+                continue
+            size, crc = crc32_file(os.path.join(step_dir, rel))
+            files[rel] = {"size": size, "crc32": crc}
+        return cls(step=step, backend=backend, files=files)
+
+    def verify(self, step_dir: str, mode: str = "checksum") -> None:
+        """Raise CorruptCheckpointError naming the first missing, truncated or altered file."""
+        if mode == "off":
+            return
+        check_no_escaping_links(step_dir)
+        for rel, entry in sorted(self.files.items()):
+            path = safe_join(step_dir, rel)
+            try:
+                size = os.path.getsize(path)
+            except FileNotFoundError:
+                raise CorruptCheckpointError(f"checkpoint file missing: {path}", path) from None
+            if size != entry["size"]:
+                raise CorruptCheckpointError(
+                    f"checkpoint file {path} has {size} bytes, the manifest recorded {entry['size']} (truncated or altered)",
+                    path,
+                )
+            if mode == "checksum":
+                _, crc = crc32_file(path)
+                if crc != entry["crc32"]:
+                    raise CorruptCheckpointError(
+                        f"checkpoint file {path} fails its checksum (crc32 {crc:#010x}, manifest {entry['crc32']:#010x})",
+                        path,
+                    )
+
+
+class StepDirectory:
+    """``{folder}/step-N`` directories, committed atomically, listed and purged safely.
+
+    ``foreign_marker`` lets a backend accept steps written by another tool without our manifest
+    (TorchTitan's ``.metadata``): they are listed and loaded, but cannot be checksum-verified.
+    In a distributed job every rank calls :meth:`stage`; rank 0 does the filesystem commit.
+    """
+
+    def __init__(self, folder: str, backend: str, foreign_marker: str | None = None, process_group=None):
+        self.folder = folder
+        self.backend = backend
+        self.foreign_marker = foreign_marker
+        self.process_group = process_group
+
+    # --- distributed helpers -------------------------------------------------------------
+    def _dist(self):
+        import torch.distributed as dist
+
+        return dist if dist.is_available() and dist.is_initialized() else None
+
+    def _rank(self) -> int:
+        dist = self._dist()
+        return dist.get_rank(self.process_group) if dist else 0
+
+    def _barrier(self) -> None:
+        dist = self._dist()
+        if dist and dist.get_world_size(self.process_group) > 1:
+            dist.barrier(group=self.process_group)
+
+    # --- naming --------------------------------------------------------------------------
+    def path(self, step: int) -> str:
+        return os.path.join(self.folder, f"step-{step}")
+
+    def staging_path(self, step: int) -> str:
+        return os.path.join(self.folder, f"{STAGING_PREFIX}{step}")
+
+    def is_committed(self, step_dir: str) -> bool:
+        if os.path.islink(step_dir) or not os.path.isdir(step_dir):
+            return False
+        if os.path.isfile(os.path.join(step_dir, MANIFEST)):
+            return True
+        return bool(self.foreign_marker) and os.path.isfile(os.path.join(step_dir, self.foreign_marker))
+
+    def steps(self) -> list[int]:
+        try:
+            names = os.listdir(self.folder)
+        except FileNotFoundError:
+            return []
+        found = []
+        for name in names:
+            m = STEP_RE.match(name)
+            if m and self.is_committed(os.path.join(self.folder, name)):
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    # --- writing -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def stage(self, step: int) -> Iterator[str]:
+        """Yield a staging directory; on a clean exit, make it ``step-N`` atomically."""
+        staging = self.staging_path(step)
+        if self._rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging)
+        self._barrier()
+        try:
+            yield staging
+        except BaseException:
+            if self._rank() == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self._barrier()
+        if self._rank() == 0:
+            self._commit(staging, step)
+        self._barrier()
+
+    def _commit(self, staging: str, step: int) -> None:
+        for rel in _files_under(staging):
+            fsync_path(os.path.join(staging, rel))
+        manifest = Manifest.build(staging, step, self.backend)
+        tmp = os.path.join(staging, MANIFEST + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(manifest.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, os.path.join(staging, MANIFEST))
+        for dirpath, _, _ in os.walk(staging):
+            fsync_path(dirpath)
+        final = self.path(step)
+        if os.path.lexists(final):  # re-saving a step (e.g. after a resume): move the old one aside
+            self._move_to_trash(final)
+        os.rename(staging, final)
+        fsync_path(self.folder)
+        self.remove_trash()
+
+    def _move_to_trash(self, path: str) -> None:
+        trash = os.path.join(self.folder, f"{TRASH_PREFIX}{uuid.uuid4().hex}")
+        os.rename(path, trash)
+
+    # --- deleting and cleaning -----------------------------------------------------------
+    def delete(self, step: int) -> None:
+        """Rename first, so a crash mid-delete never leaves a half-deleted ``step-N`` listed."""
+        if self._rank() != 0:
+            return
+        path = self.path(step)
+        if not os.path.lexists(path):
+            return
+        self._move_to_trash(path)
+        fsync_path(self.folder)
+        self.remove_trash()
+
+    def remove_trash(self) -> None:
+        for name in _listdir(self.folder):
+            if name.startswith(TRASH_PREFIX):
+                shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
+
+    def cleanup_partials(self) -> list[str]:
+        """Remove staging and trash leftovers of crashed writers. Only writers call this."""
+        removed = []
+        if self._rank() != 0:
+            return removed
+        for name in _listdir(self.folder):
+            if name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
+                shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
+                removed.append(name)
+        if removed:
+            log.warning("removed %d partial checkpoint leftovers in %s: %s", len(removed), self.folder, removed)
+        return removed
+
+    # --- reading -------------------------------------------------------------------------
+    def committed_path(self, step: int) -> str:
+        path = self.path(step)
+        if not self.is_committed(path):
+            raise StepNotFoundError(
+                f"step {step} is not a committed checkpoint in {self.folder}; committed steps: {self.steps()}"
+            )
+        return path
+
+    def verify(self, step_dir: str, mode: str = "checksum") -> Manifest | None:
+        """Check a step directory against its manifest; None for a foreign (unmanifested) step."""
+        if os.path.islink(step_dir):
+            raise UnsafeCheckpointError(f"{step_dir} is a symlink; refusing to follow it", step_dir)
+        if not os.path.isfile(os.path.join(step_dir, MANIFEST)):
+            if self.foreign_marker and os.path.isfile(os.path.join(step_dir, self.foreign_marker)):
+                log.info("%s has no %s (written by another tool): sizes and checksums not verified", step_dir, MANIFEST)
+                check_no_escaping_links(step_dir)
+                return None
+            raise CorruptCheckpointError(f"manifest missing: {os.path.join(step_dir, MANIFEST)}", step_dir)
+        manifest = Manifest.read(step_dir)
+        manifest.verify(step_dir, mode)
+        return manifest
+
+
+def _listdir(folder: str) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        return []
+
+

@@ -1,0 +1,43 @@
+"""The backends every contract and fault test runs against: every registered backend (plugins
+included), with ``memory`` expanded into its transports."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import pytest
+
+from checkpointing import CheckpointConfig, available_backends
+from checkpointing.config import MemoryOptions
+
+EXPANSIONS = {"memory": [("memory-local", {"transport": "local"}), ("memory-shm", {"transport": "shm"})]}
+
+
+def backend_cases() -> list[str]:
+    cases = []
+    for name in available_backends():
+        if name.startswith("_"):
+            continue  # test-only throwaway backends
+        cases += [case for case, _ in EXPANSIONS.get(name, [(name, {})])]
+    return cases
+
+
+def case_backend(case: str) -> str:
+    return case.split("-", 1)[0] if case.startswith("memory-") else case
+
+
+def make_config(case: str, channel: str, **overrides) -> CheckpointConfig:
+    """A config for ``case`` that keeps each test isolated (its own memory channel)."""
+    name = case_backend(case)
+    if importlib.util.find_spec(f"checkpointing.backends.{name}") is None and name in ("dcp", "hf", "memory"):
+        pytest.skip(f"backend module {name} not written yet")
+    mem_opts = dict(dict(EXPANSIONS.get(name, [])).get(case, {}))
+    memory = MemoryOptions(channel=channel, **mem_opts)
+    base = dict(enable=True, backend=name, folder="checkpoint", interval=1, keep_latest_k=0, memory=memory)
+    base.update(overrides)
+    return CheckpointConfig(**base)
+
+
+def with_options(cfg: CheckpointConfig, **changes) -> CheckpointConfig:
+    return dataclasses.replace(cfg, **changes)
