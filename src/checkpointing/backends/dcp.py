@@ -12,64 +12,105 @@ must stay inside the step directory.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
+import pickle
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 
 from ..backend import BackendContext, Capabilities, StepState
 from ..commit import StepDirectory
-from ..errors import CheckpointError, CorruptCheckpointError, StateMismatchError
+from ..errors import CheckpointError, CorruptCheckpointError, StateMismatchError, UnsafeCheckpointError
 from ..safepath import safe_join
-from .safe_metadata import safe_load_metadata
+from .safe_metadata import check_storage_layout, safe_load_metadata
 
 DCP_METADATA = ".metadata"
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """FileSystemReader whose metadata is parsed without executing code and whose file names
-    are confined to the checkpoint directory."""
+    """FileSystemReader that parses metadata without executing code and refuses metadata whose
+    file names leave the checkpoint directory or whose byte ranges leave their files.
+
+    The checked metadata is kept, so the fit check before a load and ``dcp.load`` itself parse
+    and stat the checkpoint once."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        self._checked: dict[str, Any] = {}
 
     def read_metadata(self, *args: Any, **kwargs: Any):
+        rank = kwargs.get("rank")
+        name = DCP_METADATA if rank is None else f"__{rank}{DCP_METADATA}"
+        if name not in self._checked:
+            self._checked[name] = self._read_checked(name)
+        metadata = self._checked[name]
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner):
+        """Non-tensor items first: one that must be refused fails before any tensor of the
+        receiver is overwritten. Tensors then follow in file order (sequential reads)."""
+
+        def order(item: ReadItem):
+            info = self.storage_data[item.storage_index]
+            return (item.type != LoadItemType.BYTE_IO, info.relative_path, info.offset)
+
+        return super().read_data(dataclasses.replace(plan, items=sorted(plan.items, key=order)), planner)
+
+    def _read_checked(self, name: str):
         root = os.fspath(self.path)
-        path = safe_join(root, DCP_METADATA)
+        path = safe_join(root, name)
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             raise CorruptCheckpointError(f"DCP metadata missing: {path}", path) from None
         metadata = safe_load_metadata(data, path)
-        for info in (metadata.storage_data or {}).values():
-            safe_join(root, os.fspath(getattr(info, "relative_path", "")))
-        if getattr(metadata, "storage_meta", None) is None:
-            from torch.distributed.checkpoint.metadata import StorageMeta
-
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
+        check_storage_layout(metadata, root)
         return metadata
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
     """Non-tensor values (ints, strings, lists in train/lr state) come back through
-    ``torch.load(weights_only=True)``, which cannot construct arbitrary objects."""
+    ``torch.load(weights_only=True)``, which cannot construct arbitrary objects; DCP's own
+    planner uses ``weights_only=False`` here."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
         try:
             obj = torch.load(value, weights_only=True)
-        except Exception as e:
-            raise CorruptCheckpointError(
-                f"non-tensor value {read_item.dest_index.fqn!r} is not loadable with weights_only=True: {e}"
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(
+                f"non-tensor value {fqn!r} needs more than weights_only=True allows (it could run code); "
+                f"refusing it: {e}"
             ) from None
-        value = io.BytesIO()
-        torch.save(obj, value)
-        value.seek(0)
-        super().load_bytes(read_item, value)
+        except Exception as e:
+            raise CorruptCheckpointError(f"non-tensor value {fqn!r} is unreadable: {e!r}") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+
+def first_failure(error: BaseException) -> BaseException:
+    """DCP wraps per-rank failures in CheckpointException, a *BaseException* that ``except
+    Exception`` (and every caller's error handling) would miss: take the first rank's cause."""
+    failures = getattr(error, "failures", None) if isinstance(error, CheckpointException) else None
+    if isinstance(failures, dict) and failures:
+        wrapped = failures[min(failures)]
+        return wrapped[0] if isinstance(wrapped, tuple) else wrapped
+    return error
 
 
 def read_metadata(step_dir: str):
@@ -123,7 +164,11 @@ class DCPBackend:
             thread_count=getattr(self.options, "thread_count", 1),
             sync_files=True,
         )
-        dcp.save(flat, storage_writer=writer, process_group=self.ctx.process_group)
+        try:
+            dcp.save(flat, storage_writer=writer, process_group=self.ctx.process_group)
+        except CheckpointException as e:
+            first = first_failure(e)
+            raise CheckpointError(f"writing DCP checkpoint {path} failed: {first!r}") from first
 
     # -- reading
     def read(self, step: int, state: StepState) -> None:
@@ -141,16 +186,14 @@ class DCPBackend:
         reader = SafeFileSystemReader(path)
         check_fits(reader.read_metadata(), flat, path)
         try:
-            dcp.load(flat, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(), process_group=self.ctx.process_group)
+            dcp.load(flat, storage_reader=reader, planner=SafeLoadPlanner(), process_group=self.ctx.process_group)
         except CheckpointError:
             raise
-        except Exception as e:
-            # DCP wraps per-rank failures in CheckpointException; surface the first cause.
-            cause = getattr(e, "failures", None)
-            first = next(iter(cause.values())) if isinstance(cause, dict) and cause else e
+        except (Exception, CheckpointException) as e:
+            first = first_failure(e)
             if isinstance(first, CheckpointError):
-                raise first from e
-            raise CorruptCheckpointError(f"reading DCP checkpoint {path} failed: {first!r}", path) from e
+                raise first from None
+            raise CorruptCheckpointError(f"reading DCP checkpoint {path} failed: {first!r}", path) from first
         for key in state.extras:
             state.extras[key] = flat[key]
 
