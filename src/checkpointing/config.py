@@ -10,10 +10,12 @@ Two ways in, one result:
   names the key and the allowed values (the CLIs print it and exit 2).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: TorchTitan's ConfigManager merges these
+# dataclasses by their *field types* (``is_dataclass(f.type)``) and tyro resolves them in a
+# generated class, so the annotations must be real types, not strings.
 import difflib
 import os
+import re
 import sys
 import types
 import typing
@@ -137,10 +139,14 @@ def validate_checkpoint_config(cfg: Any, prefix: str = "checkpoint") -> None:
             raise ConfigError(f"{prefix}.memory.bucket_size_mb = {mem.bucket_size_mb}; it must be >= 1")
         if mem.keep_versions < 1:
             raise ConfigError(f"{prefix}.memory.keep_versions = {mem.keep_versions}; it must be >= 1")
-        if not mem.channel or "/" in mem.channel or mem.channel.startswith("."):
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", mem.channel):
             raise ConfigError(
-                f"{prefix}.memory.channel = {mem.channel!r}; use letters, digits, '-', '_' (no '/')"
+                f"{prefix}.memory.channel = {mem.channel!r}; allowed: a non-empty name of letters, digits, '-', '_' "
+                "(it names shared-memory segments)"
             )
+    dcp = getattr(cfg, "dcp", None)
+    if dcp is not None and dcp.thread_count < 1:
+        raise ConfigError(f"{prefix}.dcp.thread_count = {dcp.thread_count}; it must be >= 1")
     hf = getattr(cfg, "hf", None)
     if hf is not None and hf.max_shard_size_mb < 1:
         raise ConfigError(f"{prefix}.hf.max_shard_size_mb = {hf.max_shard_size_mb}; it must be >= 1")
@@ -192,7 +198,7 @@ def check_types(obj: Any, prefix: str) -> None:
     for f in fields(obj):
         value = getattr(obj, f.name)
         tp = hints.get(f.name)
-        key = f"{prefix}.{f.name}"
+        key = f"{prefix}.{f.name}" if prefix else f.name
         if is_dataclass(value):
             check_types(value, key)
             continue
@@ -205,24 +211,32 @@ def check_types(obj: Any, prefix: str) -> None:
             raise ConfigError(f"{key} = {value!r} has the wrong type or value; allowed: {allowed}")
 
 
-def _check_keys(cls: type, data: dict[str, Any], prefix: str) -> None:
-    """Unknown TOML keys are errors, with the nearest valid name suggested."""
+def _check_keys(cls: type, data: dict[str, Any], prefix: str, source: str = "") -> None:
+    """Unknown TOML keys (with the nearest valid name suggested) and values of the wrong type
+    are errors naming the key and the file, found *before* tyro turns them into warnings."""
     hints = _hints(cls)
     names = [f.name for f in fields(cls)]
+    where = f" in {source}" if source else ""
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else key
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(
-                f"unknown config key {path!r}{hint}; allowed keys in [{prefix or 'top level'}]: "
+                f"unknown config key {path!r}{where}{hint}; allowed keys in [{prefix or 'top level'}]: "
                 + ", ".join(sorted(names))
             )
         tp = hints.get(key)
-        if tp is not None and is_dataclass(tp):
+        if tp is None:
+            continue
+        if is_dataclass(tp):
             if not isinstance(value, dict):
-                raise ConfigError(f"{path} must be a table ([{path}]), got {value!r}")
-            _check_keys(tp, value, path)
+                raise ConfigError(f"{path}{where} must be a table ([{path}]), got {value!r}")
+            _check_keys(tp, value, path, source)
+            continue
+        ok, allowed = _type_ok(value, tp)
+        if not ok:
+            raise ConfigError(f"{path} = {value!r}{where} has the wrong type or value; allowed: {allowed}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +291,7 @@ def load_job_config(
     if not any(a.split("=")[0] in ("--job.custom_config_module", "--job.custom-config-module") for a in args):
         args.append(f"--job.custom_config_module={module}")
     cls = merged_config_class(module)
-    _check_keys(cls, toml, "")
+    _check_keys(cls, toml, "", os.fspath(path) if path is not None else "")
     _check_overrides(cls, overrides)
     try:
         cfg = ConfigManager().parse_args(args)
@@ -288,16 +302,72 @@ def load_job_config(
     except (TypeError, ValueError) as e:
         raise ConfigError(f"bad config {os.fspath(path) if path else '(defaults)'}: {e}") from None
     check_types(cfg, "")
+    if getattr(cfg, "checkpoint", None) is not None:
+        # TorchTitan builds its own merged dataclass, so our __post_init__ never ran on it.
+        try:
+            validate_checkpoint_config(cfg.checkpoint, "checkpoint")
+        except ConfigError as e:
+            origin = f"{os.fspath(path)}" if path is not None else "the defaults"
+            if overrides:
+                origin += f" with overrides {' '.join(overrides)}"
+            raise type(e)(f"{e} (from {origin})") from None
     return cfg
 
 
-def _check_overrides(cls: type, overrides: list[str] | tuple[str, ...]) -> None:
-    """Name an unknown ``--a.b`` override ourselves: tyro's message buries it in a usage dump."""
-    for arg in overrides:
+def _split_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, str | None]]:
+    """``--a.b=v`` and ``--a.b v`` as (``a.b``, value); a bare flag has value None."""
+    out: list[tuple[str, str | None]] = []
+    args = list(overrides)
+    for i, arg in enumerate(args):
         if not arg.startswith("--"):
             continue
-        dotted = arg[2:].split("=", 1)[0].replace("-", "_")
-        if dotted.startswith("no_") or ".no_" in dotted:
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            following = args[i + 1] if i + 1 < len(args) else None
+            value = following if following is not None and not following.startswith("--") else None
+        out.append((name, value if (eq or value is not None) else None))
+    return out
+
+
+def _override_value_ok(value: str | None, tp: Any, negated: bool) -> tuple[bool, str]:
+    """Would tyro accept this command-line text for a field of type ``tp``? (Checked here so the
+    error names the key and the allowed values instead of printing a usage box.)"""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) != 1:
+            return True, str(tp)
+        tp, origin = args[0], typing.get_origin(args[0])
+    if tp is bool:
+        ok = value is None or (not negated and value.lower() in ("true", "false"))
+        return ok, "a boolean: --key, --no_key, or --key=true/false"
+    if value is None:
+        return True, ""  # tyro reports a missing value itself
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        return value in [str(a) for a in allowed], "one of " + ", ".join(repr(a) for a in allowed)
+    if tp is int:
+        try:
+            int(value)
+        except ValueError:
+            return False, "an integer"
+        return True, ""
+    if tp is float:
+        try:
+            float(value)
+        except ValueError:
+            return False, "a number"
+        return True, ""
+    return True, ""
+
+
+def _check_overrides(cls: type, overrides: list[str] | tuple[str, ...]) -> None:
+    """Name an unknown ``--a.b`` override, or a value of the wrong type, ourselves: tyro's
+    message buries it in a usage dump and exits."""
+    for raw_name, value in _split_overrides(overrides):
+        dotted = raw_name.replace("-", "_")
+        negated = dotted.startswith("no_") or ".no_" in dotted
+        if negated:
             dotted = dotted.replace("no_", "", 1) if dotted.startswith("no_") else dotted.replace(".no_", ".", 1)
         parts = dotted.split(".")
         node: Any = cls
@@ -313,3 +383,9 @@ def _check_overrides(cls: type, overrides: list[str] | tuple[str, ...]) -> None:
                     f"unknown override --{'.'.join(parts)}{hint}; allowed keys in [{where}]: {', '.join(sorted(names))}"
                 )
             node = _hints(node).get(part)
+        if node is None or is_dataclass(node):
+            continue
+        ok, allowed = _override_value_ok(value, node, negated)
+        if not ok:
+            shown = f"--{raw_name}" + (f"={value}" if value is not None else "")
+            raise ConfigError(f"override {shown}: {dotted} has the wrong type or value; allowed: {allowed}")
