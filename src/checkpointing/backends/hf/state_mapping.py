@@ -141,8 +141,9 @@ def _copy_into(target: Any, full: torch.Tensor) -> None:
     local.copy_(full)
 
 
-def load_model(directory: HFDirectory, plan: LoadPlan, targets: dict[str, Any]) -> None:
-    """Fill ``targets`` from a checked directory along a checked plan."""
+def load_model(directory: HFDirectory, plan: LoadPlan, targets: dict[str, Any], progress=None) -> None:
+    """Fill ``targets`` from a checked directory along a checked plan (``progress(nbytes)``
+    is called after each tensor)."""
     import os
 
     fds: dict[str, int] = {}
@@ -166,6 +167,8 @@ def load_model(directory: HFDirectory, plan: LoadPlan, targets: dict[str, Any]) 
                 transformed[name] = value  # the stand-in: from_hf hands it back untouched
             else:
                 transformed[name] = read_region(fd_for(rel), e, path)
+            if progress is not None:
+                progress(e.nbytes)
     finally:
         for fd in fds.values():
             os.close(fd)
