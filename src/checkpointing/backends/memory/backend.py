@@ -1,0 +1,130 @@
+"""``backend = "memory"``: hand model weights to a reader at memory speed, no files.
+
+``save(step)`` publishes a versioned snapshot of the model; ``load()`` copies the newest
+complete version into the reader's own tensors, in place. What the backend promises, and why:
+
+* **Model tensors only** (``non_tensor_state = False``): optimizer, lr, dataloader and train
+  state exist to resume training, and a snapshot that dies with its publisher cannot resume
+  anything. The manager refuses a Checkpointer that holds them, naming them.
+* **Nothing published is not an error**: ``load()`` returns False on a channel no publisher has
+  created yet (a generator may start before its trainer), like an empty checkpoint folder.
+  Naming a version (``load(step=N)``) on such a channel, or reading it directly, is a
+  :class:`~.errors.ChannelNotFoundError` that lists the channels that do exist.
+* **A dead publisher is an error**, not stale weights served forever: :class:`~.errors.PublisherGoneError`
+  until a new publisher takes the channel over or ``cleanup_partials()`` frees it.
+* **No torn versions**: see :mod:`.transport`. Data checksums are off the hot path (they cost
+  about half a memcpy per side); ``verify_data`` turns them on, and then a reader checks every
+  tensor *before* copying, so a damaged snapshot never reaches the receiver.
+* **Sharded publishers**: DTensors are gathered bucket by bucket (:mod:`.snapshot`); with ``shm``
+  only rank 0 of the group writes the snapshot (one per host), with ``local`` every rank keeps
+  its own for its colocated reader. Sharded receivers copy just their shard's slice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ...backend import BackendContext, Capabilities, StepState
+from ...errors import ConfigError, StateMismatchError
+from .apply import apply_plan, plan_load
+from .layout import DTYPES, Layout
+from .local import LocalTransport
+from .segments import CHANNEL_RE
+from .snapshot import checksums, fill_snapshot, verify_checksums
+from .transport import Transport
+
+TRANSPORTS = ("local", "shm")
+
+
+class MemoryBackend:
+    capabilities = Capabilities(persistent=False, non_tensor_state=False, cross_process=True)
+
+    def __init__(self, ctx: BackendContext):
+        opts = ctx.options("memory")
+        channel = getattr(opts, "channel", "default")
+        if not isinstance(channel, str) or not CHANNEL_RE.fullmatch(channel):
+            raise ConfigError(
+                f"checkpoint.memory.channel = {channel!r}; allowed: 1 to 128 letters, digits, '-' or '_'"
+            )
+        kind = getattr(opts, "transport", "local")
+        if kind not in TRANSPORTS:
+            raise ConfigError(f"checkpoint.memory.transport = {kind!r}; allowed: {', '.join(TRANSPORTS)}")
+        dtype = getattr(opts, "dtype", "auto")
+        if dtype != "auto" and dtype not in DTYPES:
+            raise ConfigError(f"checkpoint.memory.dtype = {dtype!r}; allowed: auto, float32, bfloat16, float16")
+        self.cast_to = None if dtype == "auto" else DTYPES[dtype]
+        self.bucket_bytes = int(getattr(opts, "bucket_size_mb", 256)) << 20
+        self.verify_data = bool(getattr(opts, "verify_data", False))
+        self.group = ctx.process_group
+        keep = int(getattr(opts, "keep_versions", 2))
+        self.transport: Transport = self._make_transport(kind, channel, keep)
+        self.capabilities = Capabilities(persistent=False, non_tensor_state=False, cross_process=kind != "local")
+        self.location = f"{kind} memory channel {channel!r}"
+        """Where this backend's steps live, for messages (a folder for file backends)."""
+
+    @staticmethod
+    def _make_transport(kind: str, channel: str, keep: int) -> Transport:
+        if kind == "shm":
+            from .shm import ShmTransport
+
+            return ShmTransport(channel, keep)
+        return LocalTransport(channel, keep)
+
+    # ------------------------------------------------------------------ Backend protocol
+    def write(self, step: int, state: StepState) -> None:
+        model = _model_tensors(state, "publish")
+        layout = Layout.for_state(model, self.cast_to)
+        if not self._publishes():
+            fill_snapshot(layout, model, None, self.bucket_bytes)  # take part in the gathers only
+            return
+        with self.transport.writing(step, layout, self.verify_data) as target:
+            fill_snapshot(layout, model, target.data, self.bucket_bytes)
+            if self.verify_data:
+                target.checksums = checksums(layout, target.data)
+
+    def read(self, step: int, state: StepState) -> None:
+        model = _model_tensors(state, "load")
+        with self.transport.reading(step) as source:
+            plan = plan_load(source.layout, model, source.label, source.data)
+            if self.verify_data:
+                verify_checksums(source.layout, source.data, source.checksums, source.label)
+            apply_plan(plan, source.data)
+
+    def steps(self) -> list[int]:
+        return self.transport.versions()
+
+    def delete(self, step: int) -> None:
+        self.transport.retire(step)
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def cleanup_partials(self) -> list[str]:
+        """Free segments a dead publisher left on this channel; a live one's are never touched
+        (a reader's Checkpointer calls this too)."""
+        return self.transport.reclaim_stale()
+
+    # ------------------------------------------------------------------ helpers
+    def _publishes(self) -> bool:
+        """With ``shm`` one snapshot per host: rank 0 of the group writes, the others gather."""
+        if self.transport.kind == "local":
+            return True
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return True
+        return dist.get_rank(self.group) == 0
+
+
+def _model_tensors(state: StepState, what: str) -> dict[str, Any]:
+    if state.extras:
+        raise ConfigError(
+            f"the memory backend carries model tensors only, but this {what} also has {sorted(state.extras)}; "
+            "keep training state in a persistent backend (dcp, hf)"
+        )
+    bad = [k for k, v in state.model.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise StateMismatchError(f"the memory backend carries tensors only; not tensors: {bad}", bad)
+    return state.model

@@ -1,0 +1,219 @@
+"""Where each tensor of a published snapshot lives, and the JSON manifest that says so.
+
+A snapshot is one flat byte buffer: every stored tensor at an aligned offset, in the order of the
+publisher's state dict. Tied weights (two keys aliasing one tensor, e.g. qwen3's
+``tok_embeddings.weight`` / ``output.weight``) are stored once; the second key is an alias, so a
+reader can keep them tied. The manifest is plain JSON, never pickle, and a reader validates
+every field against the segment's real size before it touches a byte, so a damaged or crafted
+manifest is a :class:`~checkpointing.errors.CorruptCheckpointError`, not an out-of-bounds read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from ...errors import CorruptCheckpointError
+
+MANIFEST_FORMAT = "titan-ckpt-memory/1"
+ALIGN = 64
+"""Byte alignment of every tensor: a cache line, and a multiple of every dtype's size."""
+
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "complex64": torch.complex64,
+    "complex128": torch.complex128,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_MANIFEST_BYTES = 64 << 20
+"""A manifest for even a huge model is a few MB; a bigger declared length is corruption."""
+
+
+def align(n: int, to: int = ALIGN) -> int:
+    return (n + to - 1) // to * to
+
+
+def dtype_name(dtype: torch.dtype, key: str) -> str:
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise CorruptCheckpointError(
+            f"tensor {key!r} has dtype {dtype}, which the memory backend does not carry; "
+            f"allowed: {', '.join(DTYPES)}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One stored tensor: its full (global) shape and dtype as published."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    def view(self, data: torch.Tensor) -> torch.Tensor:
+        """This tensor inside the snapshot's uint8 buffer, without a copy."""
+        raw = data[self.offset : self.offset + self.nbytes]
+        return raw.view(self.dtype).view(self.shape)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The snapshot's structure. Equal layouts let a publisher reuse a slot as it is."""
+
+    entries: tuple[TensorEntry, ...]
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    """key -> name of the stored entry it shares storage with (tied weights)."""
+
+    @property
+    def nbytes(self) -> int:
+        return max((e.offset + e.nbytes for e in self.entries), default=0)
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries] + list(self.aliases)
+
+    def entry(self, name: str) -> TensorEntry | None:
+        return self._by_name().get(self.aliases.get(name, name))
+
+    def _by_name(self) -> dict[str, TensorEntry]:
+        cached = self.__dict__.get("_index")
+        if cached is None:
+            cached = {e.name: e for e in self.entries}
+            object.__setattr__(self, "_index", cached)
+        return cached
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def for_state(cls, model: Mapping[str, Any], cast_to: torch.dtype | None = None) -> "Layout":
+        """The layout a publisher writes for ``model`` (FQN -> tensor or DTensor).
+
+        ``cast_to`` turns every floating tensor into that dtype (an fp32 trainer publishing a
+        bf16 snapshot); other tensors keep theirs."""
+        entries: list[TensorEntry] = []
+        aliases: dict[str, str] = {}
+        seen: dict[tuple, str] = {}
+        offset = 0
+        for name, value in model.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(name)
+            key = storage_key(value)
+            if key is not None and key in seen:
+                aliases[name] = seen[key]
+                continue
+            if key is not None:
+                seen[key] = name
+            dtype = cast_to if (cast_to is not None and value.is_floating_point()) else value.dtype
+            dtype_name(dtype, name)
+            shape = tuple(int(s) for s in value.shape)
+            nbytes = math.prod(shape) * dtype.itemsize
+            entries.append(TensorEntry(name, dtype, shape, offset, nbytes))
+            offset = align(offset + nbytes)
+        return cls(tuple(entries), aliases)
+
+    # ------------------------------------------------------------------ manifest
+    def to_manifest(self, version: int, checksums: list[int] | None = None) -> bytes:
+        doc = {
+            "format": MANIFEST_FORMAT,
+            "version": version,
+            "nbytes": self.nbytes,
+            "tensors": [
+                {"name": e.name, "dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape), "offset": e.offset, "nbytes": e.nbytes}
+                for e in self.entries
+            ],
+            "aliases": dict(self.aliases),
+            "checksums": checksums,
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    def manifest_budget(self, with_checksums: bool) -> int:
+        """Bytes a manifest of this layout can take, whatever version and checksums it holds."""
+        worst = [2**64 - 1] * len(self.entries) if with_checksums else None
+        return len(self.to_manifest(-(2**63), worst))
+
+
+def storage_key(t: torch.Tensor) -> tuple | None:
+    """Identity of the memory a tensor views: equal keys mean the same tensor (tied weights)."""
+    local = t.to_local() if hasattr(t, "to_local") and hasattr(t, "placements") else t
+    if local.device.type == "meta":
+        return None
+    try:
+        ptr = local.untyped_storage().data_ptr()
+    except RuntimeError:  # tensors without storage (e.g. some subclasses): never tied
+        return None
+    return (local.device, ptr, local.storage_offset(), tuple(local.shape), tuple(local.stride()), local.dtype)
+
+
+def manifest_crc(data: bytes) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def parse_manifest(raw: bytes, data_len: int, source: str) -> tuple[Layout, int, list[int] | None]:
+    """(layout, version, checksums) from manifest bytes, every field checked against the
+    ``data_len`` bytes the segment really holds. Anything else is a CorruptCheckpointError."""
+
+    def bad(why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"memory snapshot manifest in {source} is damaged: {why}", source)
+
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"not JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
+        raise bad(f"format is not {MANIFEST_FORMAT!r}")
+    version, tensors, aliases, checksums = doc.get("version"), doc.get("tensors"), doc.get("aliases"), doc.get("checksums")
+    if not _is_int(version):
+        raise bad("version is not an integer")
+    if not isinstance(tensors, list) or not isinstance(aliases, dict):
+        raise bad("tensors/aliases missing")
+    entries = [_parse_entry(t, data_len, bad) for t in tensors]
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        raise bad("a tensor name appears twice")
+    for key, target in aliases.items():
+        if not isinstance(key, str) or not isinstance(target, str) or target not in names or key in names:
+            raise bad(f"alias {key!r} -> {target!r} does not name a stored tensor")
+    if checksums is not None and (
+        not isinstance(checksums, list) or len(checksums) != len(entries) or not all(_is_int(c) for c in checksums)
+    ):
+        raise bad("checksums do not match the tensors")
+    return Layout(tuple(entries), dict(aliases)), version, checksums
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _parse_entry(t: Any, data_len: int, bad) -> TensorEntry:
+    if not isinstance(t, dict):
+        raise bad("a tensor entry is not an object")
+    name, dtype, shape, offset, nbytes = (t.get(k) for k in ("name", "dtype", "shape", "offset", "nbytes"))
+    if not isinstance(name, str) or not name:
+        raise bad("a tensor entry has no name")
+    if dtype not in DTYPES:
+        raise bad(f"{name}: dtype {dtype!r} not one of {', '.join(DTYPES)}")
+    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape) or len(shape) > 16:
+        raise bad(f"{name}: shape {shape!r} is not a list of sizes")
+    if not (_is_int(offset) and _is_int(nbytes)) or offset < 0 or nbytes < 0:
+        raise bad(f"{name}: offset/nbytes are not non-negative integers")
+    torch_dtype = DTYPES[dtype]
+    if nbytes != math.prod(shape) * torch_dtype.itemsize:
+        raise bad(f"{name}: nbytes {nbytes} does not match shape {shape} of {dtype}")
+    if offset % ALIGN or offset + nbytes > data_len:
+        raise bad(f"{name}: bytes [{offset}, {offset + nbytes}) lie outside the {data_len}-byte snapshot or are unaligned")
+    return TensorEntry(name, torch_dtype, tuple(shape), offset, nbytes)

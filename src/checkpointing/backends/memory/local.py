@@ -1,0 +1,228 @@
+"""``transport = "local"``: publisher and readers in one process (a colocated generator).
+
+Channels live in a process-wide registry by name. Slots are plain CPU byte buffers guarded by
+reader/writer locks, so readers on other threads (an async generator) get the same no-torn-read
+promise as ``shm`` readers in other processes. A channel belongs to the backend that first
+published on it until that backend closes (or is garbage collected); a second publisher is
+refused.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from ...errors import CheckpointError, StepNotFoundError
+from .errors import ChannelBusyError, ChannelNotFoundError, TornReadError
+from .layout import Layout
+from .transport import (
+    WRITE_TIMEOUT_S,
+    PublishTarget,
+    ReadSource,
+    SlotInfo,
+    complete_steps,
+    slot_for_write,
+    slot_holding,
+)
+
+
+class _ReadWriteLock:
+    """Many readers or one writer. Readers never wait (they are told the slot is busy);
+    the writer waits, bounded, for readers to finish."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+
+    def try_shared(self) -> bool:
+        with self._cond:
+            if self._writing:
+                return False
+            self._readers += 1
+            return True
+
+    def release_shared(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            self._cond.notify_all()
+
+    def exclusive(self, timeout: float) -> bool:
+        with self._cond:
+            ok = self._cond.wait_for(lambda: not self._writing and self._readers == 0, timeout)
+            if ok:
+                self._writing = True
+            return ok
+
+    def release_exclusive(self) -> None:
+        with self._cond:
+            self._writing = False
+            self._cond.notify_all()
+
+
+class _Slot:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.seq = 0
+        self.step = -1
+        self.order = 0
+        self.layout: Layout | None = None
+        self.data: torch.Tensor | None = None
+        self.checksums: list[int] | None = None
+        self.lock = _ReadWriteLock()
+
+    def info(self) -> SlotInfo:
+        before = self.seq
+        step, order = self.step, self.order
+        seq = before if self.seq == before else before | 1  # changed meanwhile: in flux
+        return SlotInfo(self.index, seq, step, order)
+
+
+class _Channel:
+    def __init__(self, name: str, n_slots: int) -> None:
+        self.name = name
+        self.slots = [_Slot(i) for i in range(n_slots)]
+        self.published = 0
+
+    def infos(self) -> list[SlotInfo]:
+        return [s.info() for s in self.slots]
+
+
+_channels: dict[str, _Channel] = {}
+_registry_lock = threading.Lock()
+
+
+def local_channels() -> list[str]:
+    with _registry_lock:
+        return sorted(_channels)
+
+
+def _release(name: str, channel: _Channel) -> None:
+    with _registry_lock:
+        if _channels.get(name) is channel:
+            del _channels[name]
+    for slot in channel.slots:
+        slot.data = None  # a reader mid-copy still holds its own reference
+
+
+class LocalTransport:
+    kind = "local"
+
+    def __init__(self, channel: str, keep_versions: int, write_timeout: float = WRITE_TIMEOUT_S) -> None:
+        self.channel = channel
+        self.keep_versions = keep_versions
+        self.write_timeout = write_timeout
+        self._owned: _Channel | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    # ------------------------------------------------------------------ publisher
+    def _claim(self) -> _Channel:
+        if self._owned is not None:
+            return self._owned
+        with _registry_lock:
+            if self.channel in _channels:
+                raise ChannelBusyError(
+                    f"local memory channel {self.channel!r} already has a publisher in this process; "
+                    "one channel carries one model's versions: close that Checkpointer first or use another "
+                    "[checkpoint.memory] channel",
+                    self.channel,
+                )
+            owned = _channels[self.channel] = _Channel(self.channel, self.keep_versions)
+        self._owned = owned
+        self._finalizer = weakref.finalize(self, _release, self.channel, owned)
+        return owned
+
+    @contextmanager
+    def writing(self, step: int, layout: Layout, with_checksums: bool) -> Iterator[PublishTarget]:
+        channel = self._claim()
+        slot = channel.slots[slot_for_write(channel.infos(), step)]
+        if not slot.lock.exclusive(self.write_timeout):
+            raise CheckpointError(
+                f"local channel {self.channel!r}: a reader held slot {slot.index} for more than {self.write_timeout}s"
+            )
+        try:
+            slot.seq += 1
+            slot.step = -1
+            if slot.data is None or slot.data.numel() != layout.nbytes:
+                slot.data = None
+                slot.data = torch.empty(layout.nbytes, dtype=torch.uint8)
+            target = PublishTarget(slot.data)
+            done = False
+            try:
+                yield target
+                done = True
+            finally:
+                if done:
+                    channel.published += 1
+                    slot.layout, slot.checksums, slot.order = layout, target.checksums, channel.published
+                    slot.step = step
+                slot.seq += 1
+        finally:
+            slot.lock.release_exclusive()
+
+    def retire(self, step: int) -> None:
+        if self._owned is None:
+            return
+        held = slot_holding(self._owned.infos(), step)
+        if held is None:
+            return
+        slot = self._owned.slots[held.index]
+        if slot.lock.exclusive(self.write_timeout):
+            try:
+                slot.seq += 1
+                slot.step = -1
+                slot.seq += 1
+            finally:
+                slot.lock.release_exclusive()
+
+    # ------------------------------------------------------------------ reader
+    def _lookup(self) -> _Channel | None:
+        if self._owned is not None:
+            return self._owned
+        with _registry_lock:
+            return _channels.get(self.channel)
+
+    def versions(self) -> list[int]:
+        channel = self._lookup()
+        return complete_steps(channel.infos()) if channel else []
+
+    @contextmanager
+    def reading(self, step: int) -> Iterator[ReadSource]:
+        channel = self._lookup()
+        if channel is None:
+            raise ChannelNotFoundError(
+                f"no publisher on local memory channel {self.channel!r} in this process; "
+                f"channels with a publisher: {local_channels()}",
+                self.channel,
+            )
+        held = slot_holding(channel.infos(), step)
+        if held is None:
+            raise StepNotFoundError(
+                f"version {step} is not held by local channel {self.channel!r}; held: {complete_steps(channel.infos())}"
+            )
+        slot = channel.slots[held.index]
+        if not slot.lock.try_shared():
+            raise StepNotFoundError(f"version {step} of local channel {self.channel!r} is being replaced")
+        try:
+            seq = slot.seq
+            if seq % 2 or slot.step != step or slot.layout is None or slot.data is None:
+                raise StepNotFoundError(f"version {step} of local channel {self.channel!r} was replaced")
+            label = f"local channel {self.channel!r} version {step}"
+            yield ReadSource(slot.layout, slot.data, slot.checksums, label)
+            if slot.seq != seq:
+                raise TornReadError(f"{label} changed while it was read", label)
+        finally:
+            slot.lock.release_shared()
+
+    # ------------------------------------------------------------------ lifetime
+    def reclaim_stale(self) -> list[str]:
+        return []  # a process-local channel dies with its process
+
+    def close(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()  # releases the channel once, now
+        self._owned = None
