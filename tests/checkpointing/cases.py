@@ -11,7 +11,14 @@ import pytest
 from checkpointing import CheckpointConfig, available_backends
 from checkpointing.config import MemoryOptions
 
-EXPANSIONS = {"memory": [("memory-local", {"transport": "local"}), ("memory-shm", {"transport": "shm"})]}
+# keep_versions = 4: the memory backend holds only that many versions (its slots), and the contract
+# tests watch the manager's interval/retention policy over up to four steps.
+EXPANSIONS = {
+    "memory": [
+        ("memory-local", {"transport": "local", "keep_versions": 4}),
+        ("memory-shm", {"transport": "shm", "keep_versions": 4}),
+    ]
+}
 
 
 def backend_cases() -> list[str]:
