@@ -28,6 +28,7 @@ from .state import (
     LR_SCHEDULER,
     MODEL,
     OPTIMIZER,
+    TRAIN_STATE,
     ModelState,
     apply_state,
     cast_tensors,
@@ -112,11 +113,14 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ construction helpers
     def _check_exclusions(self) -> None:
-        allowed = [MODEL, *self.states]
+        # TorchTitan's own keys may be named even when not held here: a generator built over just
+        # its model reads the trainer's TOML, and there is simply nothing to skip. Other names
+        # are typos.
+        allowed = list(dict.fromkeys([MODEL, OPTIMIZER, LR_SCHEDULER, DATALOADER, TRAIN_STATE, *self.states]))
         for key in self.config.exclude_from_loading:
             if key not in allowed:
                 raise ConfigError(
-                    f"checkpoint.exclude_from_loading names {key!r}, which this Checkpointer does not hold; "
+                    f"checkpoint.exclude_from_loading names {key!r}, which is not a state of this Checkpointer; "
                     f"allowed: {', '.join(allowed)}"
                 )
 
@@ -185,9 +189,10 @@ class Checkpointer:
         ``export_dtype``. A failed background save is raised here, never dropped.
         """
         self._raise_if_closed()
-        self._wait_pending()
+        self._raise_finished_failure()
         if not self._should_save(curr_step, last_step):
-            return
+            return  # a write in flight keeps overlapping training until the next save step
+        self._wait_pending()
         begin = time.monotonic()
         if last_step and self.config.last_save_model_only:
             state = self._model_only_state(self.export_dtype)
@@ -252,7 +257,14 @@ class Checkpointer:
             try:
                 staging.result()
             except BaseException as e:
+                self._pending = None  # the write needs the staged copy: it fails with this cause
                 raise AsyncSaveError(f"staging of an async checkpoint failed: {e!r}") from e
+
+    def _raise_finished_failure(self) -> None:
+        """Report a background save that has already failed, without waiting for one in flight."""
+        pending = self._pending
+        if pending is not None and pending.done() and pending.exception() is not None:
+            self._wait_pending()
 
     def _wait_pending(self) -> None:
         self.maybe_wait_for_staging()
