@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 
 from ..backend import BackendContext, Capabilities, StepState
 from ..commit import StepDirectory
-from ..errors import CheckpointError, CorruptCheckpointError, StateMismatchError, UnsafeCheckpointError
+from ..errors import CheckpointError, ConfigError, CorruptCheckpointError, StateMismatchError, UnsafeCheckpointError
 from ..safepath import safe_join
 from .safe_metadata import check_storage_layout, safe_load_metadata
 
@@ -143,6 +143,16 @@ def check_fits(metadata, flat: dict[str, Any], source: str) -> None:
         raise StateMismatchError(f"{source} does not fit the receiving state: " + "; ".join(lines), missing + problems)
 
 
+def not_a_step_dir_message(path: str) -> str:
+    """Point at the step directories when given the folder that holds them (a common slip)."""
+    steps = StepDirectory(path, "dcp", foreign_marker=DCP_METADATA).steps()
+    hint = f"; it holds committed steps {steps}: did you mean {os.path.join(path, f'step-{steps[-1]}')!r}?" if steps else ""
+    return (
+        f"checkpoint.initial_load_path = {path!r} is not a DCP checkpoint step directory (no {DCP_METADATA}); "
+        f"name a step-N directory{hint}"
+    )
+
+
 class DCPBackend:
     capabilities = Capabilities(persistent=True, non_tensor_state=True, cross_process=True)
 
@@ -177,6 +187,9 @@ class DCPBackend:
         self._read_dir(path, state)
 
     def read_path(self, path: str, state: StepState) -> None:
+        """Read a DCP step directory outside our folder (``initial_load_path``)."""
+        if not os.path.isfile(os.path.join(path, DCP_METADATA)):
+            raise ConfigError(not_a_step_dir_message(path))
         store = StepDirectory(os.path.dirname(os.path.abspath(path)), "dcp", foreign_marker=DCP_METADATA)
         store.verify(path, self.verify_mode)
         self._read_dir(path, state)
