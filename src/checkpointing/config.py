@@ -72,6 +72,10 @@ class MemoryOptions:
     into its own tensors)."""
     keep_versions: int = 2
     """Snapshots held at once; with 2 a reader copies one while the next is written."""
+    verify_data: bool = False
+    """Checksum every tensor on publish and check it on load before the receiver is touched.
+    Off by default: it costs about half a memcpy per side, and torn reads are already
+    excluded by the slot locks (the manifest is always CRC-checked)."""
 
 
 @dataclass

@@ -76,6 +76,7 @@ SPEC: dict[str, KeySpec] = {
     "memory.bucket_size_mb": INT(lambda v: v >= 1),
     "memory.dtype": ENUM("auto", "float32", "bfloat16", "float16"),
     "memory.keep_versions": INT(lambda v: v >= 1),
+    "memory.verify_data": BOOL,
 }
 
 
