@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
-from .errors import BackendNotFoundError
+from .errors import BackendNotFoundError, ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import CheckpointConfig
@@ -144,12 +144,16 @@ class _LazyEntryPoint:
         self.ep = ep
 
     def __call__(self, ctx: BackendContext) -> Backend:
-        factory = self.ep.load()
-        _registry[self.ep.name] = factory
-        return factory(ctx)
+        return self.resolve()(ctx)
 
     def resolve(self) -> BackendFactory:
-        factory = self.ep.load()
+        try:
+            factory = self.ep.load()
+        except Exception as e:  # the plugin's own bug: name it, as a config problem of this key
+            raise ConfigError(
+                f"checkpoint backend {self.ep.name!r} is registered by the entry point {self.ep.value!r} "
+                f"(group {ENTRY_POINT_GROUP!r}) but cannot be loaded: {e!r}"
+            ) from e
         _registry[self.ep.name] = factory
         return factory
 
