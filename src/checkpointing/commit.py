@@ -211,7 +211,13 @@ class StepDirectory:
             raise
         self._barrier()
         if self._rank() == 0:
-            self._commit(staging, step)
+            try:
+                self._commit(staging, step)
+            except BaseException:
+                # e.g. fsync fails with EIO: the step never became visible; do not leave a whole
+                # step's worth of bytes behind until the next writer's cleanup_partials().
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
         self._barrier()
 
     def _commit(self, staging: str, step: int) -> None:
