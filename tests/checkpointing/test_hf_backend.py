@@ -225,3 +225,17 @@ def test_initial_load_of_a_save_pretrained_directory(tmp_path):
     assert torch.equal(model.tok_embeddings.weight, hf_sd["model.embed_tokens.weight"])
     assert torch.equal(model.layers["1"].attention.wk.weight, hf_sd["model.layers.1.self_attn.k_proj.weight"])
     assert model.output.weight is model.tok_embeddings.weight
+
+
+def test_initial_load_in_hf_of_a_dcp_directory_is_a_config_error(tmp_path):
+    from checkpointing import ConfigError
+
+    model = build_titan_model("qwen3")
+    dcp_cfg = CheckpointConfig(enable=True, backend="dcp", folder="checkpoint", interval=1)
+    with Checkpointer(model_parts=[model], checkpoint_config=dcp_cfg, base_folder=str(tmp_path / "dcp")) as c:
+        c.save(1)
+    dcp_step = str(tmp_path / "dcp" / "checkpoint" / "step-1")
+    cfg = hf_config(initial_load_path=dcp_step, initial_load_in_hf=True, initial_load_model_only=True)
+    with Checkpointer(model_parts=[model], checkpoint_config=cfg, sd_adapter=adapter_for(model, "qwen3"), base_folder=str(tmp_path / "run")) as c:
+        with pytest.raises(ConfigError, match="not a Hugging Face model directory"):
+            c.load()

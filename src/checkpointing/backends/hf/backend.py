@@ -22,7 +22,7 @@ from ...commit import MANIFEST, StepDirectory
 from ...config import HFOptions
 from ...errors import ConfigError, UnsafeCheckpointError
 from ...safepath import check_no_escaping_links
-from .directory import INDEX, HFDirectory, is_hf_dir
+from .directory import INDEX, SINGLE_FILE, HFDirectory, is_hf_dir
 from .model_writer import write_model
 from .state_mapping import HFNaming, load_model, plan_load
 from .training_state import SIDECAR, check_sidecar, read_sidecar
@@ -86,7 +86,12 @@ class HFBackend:
             raise UnsafeCheckpointError(f"{path} is a symlink; refusing to follow it", path)
         if not os.path.isdir(path):
             raise ConfigError(f"{path} is not a directory; expected a Hugging Face model directory")
-        if os.path.isfile(os.path.join(path, MANIFEST)) or not is_hf_dir(path):
+        if not is_hf_dir(path):
+            raise ConfigError(
+                f"{path} is not a Hugging Face model directory (no {INDEX} and no {SINGLE_FILE}); "
+                "a DCP checkpoint is read with initial_load_in_hf = false"
+            )
+        if os.path.isfile(os.path.join(path, MANIFEST)):
             StepDirectory(os.path.dirname(os.path.abspath(path)), "hf", foreign_marker=INDEX).verify(path, self.verify_mode)
         else:
             log.info("%s has no %s (written by another tool): checksums not verified", path, MANIFEST)

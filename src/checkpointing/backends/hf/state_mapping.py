@@ -14,6 +14,8 @@ straight into the receiving parameter; only the ones it transforms go through a 
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,8 @@ import torch
 from ...errors import StateMismatchError
 from .directory import HFDirectory
 from .safetensors_io import TensorEntry, read_into, read_region
+
+log = logging.getLogger(__name__)
 
 TIED_ALIASES = {"lm_head.weight": "model.embed_tokens.weight"}
 """A tied HF model may omit ``lm_head.weight``: it *is* the embedding."""
@@ -89,7 +93,7 @@ def plan_load(directory: HFDirectory, targets: dict[str, Any], naming: HFNaming)
     missing, problems = [], []
     for name, value in hf_view.items():
         src = name if name in directory.tensors else None
-        if src is None and TIED_ALIASES.get(name) in directory.tensors and (directory.tied_embeddings or naming.adapter is None):
+        if src is None and directory.tied_embeddings and TIED_ALIASES.get(name) in directory.tensors:
             src = TIED_ALIASES[name]
         if src is None:
             missing.append(name)
@@ -102,13 +106,12 @@ def plan_load(directory: HFDirectory, targets: dict[str, Any], naming: HFNaming)
             plan.direct[name] = owner[id(value)]
     covered = naming.from_hf(hf_view)
     uncovered = sorted(set(proxies) - set(covered))
-    unexpected = sorted(
-        name
-        for name in directory.tensors
-        if name not in hf_view
-        and not name.endswith(IGNORED_SUFFIXES)
-        and not (TIED_ALIASES.get(name) in hf_view)  # the receiver ties lm_head to the embedding
-    )
+    extra = [name for name in directory.tensors if name not in hf_view and not name.endswith(IGNORED_SUFFIXES)]
+    tied_away = [name for name in extra if TIED_ALIASES.get(name) in hf_view]
+    if tied_away:  # as transformers does for a tied config: the embedding is the head
+        log.warning("%s: the receiving model ties %s to %s; the stored copy is not loaded",
+                    directory.root, tied_away, [TIED_ALIASES[n] for n in tied_away])
+    unexpected = sorted(set(extra) - set(tied_away))
     if missing or problems or uncovered or unexpected or not_tensors:
         parts = []
         if missing:
@@ -144,8 +147,6 @@ def _copy_into(target: Any, full: torch.Tensor) -> None:
 def load_model(directory: HFDirectory, plan: LoadPlan, targets: dict[str, Any], progress=None) -> None:
     """Fill ``targets`` from a checked directory along a checked plan (``progress(nbytes)``
     is called after each tensor)."""
-    import os
-
     fds: dict[str, int] = {}
 
     def fd_for(rel: str) -> int:
