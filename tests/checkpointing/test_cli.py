@@ -256,3 +256,12 @@ def test_subprocess_convert_writes_a_verifiable_hf_directory(tmp_path):
     embed = directory.tensors["model.embed_tokens.weight"][1]
     assert embed.dtype == torch.bfloat16 and embed.shape == (256, 64)
     assert main(["verify", dst]) == 0
+
+
+def test_convert_refuses_a_damaged_source(tmp_path, capsys):
+    _, folder = dcp_folder(tmp_path, full=False)
+    flip_byte(os.path.join(folder, "step-2", "__0_0.distcp"))
+    dst = str(tmp_path / "out")
+    code, _, err = run(capsys, "convert", folder, dst, "--to", "hf", "--model", "llama3", "--flavor", "debugmodel", *TINY_ARGS, "--no-progress")
+    assert code == 1 and "checksum" in err and "__0_0.distcp" in err
+    assert not os.path.exists(dst)

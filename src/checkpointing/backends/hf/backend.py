@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 from ...backend import BackendContext, Capabilities, StepState
 from ...commit import MANIFEST, StepDirectory

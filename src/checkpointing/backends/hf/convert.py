@@ -20,13 +20,11 @@ from typing import Any, Callable
 import torch
 
 from ...commit import MANIFEST, STEP_RE, Manifest, fsync_path
-from ...errors import ConfigError
+from ...errors import ConfigError, UnsafeCheckpointError
+from ...safepath import check_no_escaping_links
 from .directory import HFDirectory
 from .model_writer import tensor_nbytes, write_model
 from .state_mapping import HFNaming, load_model, plan_load
-
-Progress = Callable[[int], None]
-
 
 @dataclasses.dataclass
 class TitanModel:
@@ -77,6 +75,15 @@ def titan_model(name: str, flavor: str, overrides: list[str] | tuple[str, ...] =
         raise ConfigError(f"cannot build {name}/{flavor} with {changes}: {e}") from None
     shapes = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
     return TitanModel(name, flavor, args, spec.state_dict_adapter(args, None), shapes)
+
+
+def check_source(path: str) -> None:
+    """The same integrity a load gets: checksums when there is a manifest, no symlinks out."""
+    if os.path.islink(path):
+        raise UnsafeCheckpointError(f"{path} is a symlink; refusing to follow it", path)
+    check_no_escaping_links(path)
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        Manifest.read(path).verify(path, "checksum")
 
 
 def step_of(path: str) -> int:
@@ -137,6 +144,7 @@ def dcp_to_hf(src: str, dst: str, model: TitanModel, max_shard_bytes: int, dtype
 
     from ..dcp import SafeFileSystemReader, SafeLoadPlanner, check_fits
 
+    check_source(src)
     metadata = SafeFileSystemReader(src).read_metadata()
     wanted = {k: torch.empty(shape, dtype=dt, device="meta") for k, (shape, dt) in model.shapes.items()}
     check_fits(metadata, wanted, src)
@@ -165,6 +173,7 @@ def hf_to_dcp(src: str, dst: str, model: TitanModel, dtype: torch.dtype | None =
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
 
+    check_source(src)
     directory = HFDirectory.open(src)
     floating = [e.dtype for _, e in directory.tensors.values() if e.dtype.is_floating_point]
     target_dtype = dtype or (floating[0] if floating else torch.float32)
