@@ -5,102 +5,28 @@
 (without a manifest they cannot be checksum-verified, but are still read safely). DTensor/FSDP
 shards saved from N ranks load on M ranks through DCP's own resharding.
 
-Reading never unpickles untrusted bytes: ``.metadata`` goes through a restricted unpickler and
-non-tensor values through ``torch.load(weights_only=True)``; every file path the metadata names
-must stay inside the step directory.
+Reading (:mod:`.dcp_reader`) never unpickles untrusted bytes: ``.metadata`` goes through a
+restricted unpickler and non-tensor values through ``torch.load(weights_only=True)``; every file
+path and byte range the metadata names must stay inside the step directory.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import io
 import os
-import pickle
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ..backend import BackendContext, Capabilities, StepState
 from ..commit import StepDirectory
-from ..errors import CheckpointError, ConfigError, CorruptCheckpointError, StateMismatchError, UnsafeCheckpointError
-from ..safepath import safe_join
-from .safe_metadata import check_storage_layout, safe_load_metadata
+from ..errors import CheckpointError, ConfigError, CorruptCheckpointError, StateMismatchError
+from .dcp_reader import DCP_METADATA, SafeFileSystemReader, SafeLoadPlanner, read_metadata
 
-DCP_METADATA = ".metadata"
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """FileSystemReader that parses metadata without executing code and refuses metadata whose
-    file names leave the checkpoint directory or whose byte ranges leave their files.
-
-    The checked metadata is kept, so the fit check before a load and ``dcp.load`` itself parse
-    and stat the checkpoint once."""
-
-    def __init__(self, path: str | os.PathLike):
-        super().__init__(path)
-        self._checked: dict[str, Any] = {}
-
-    def read_metadata(self, *args: Any, **kwargs: Any):
-        rank = kwargs.get("rank")
-        name = DCP_METADATA if rank is None else f"__{rank}{DCP_METADATA}"
-        if name not in self._checked:
-            self._checked[name] = self._read_checked(name)
-        metadata = self._checked[name]
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-    def read_data(self, plan: LoadPlan, planner: LoadPlanner):
-        """Non-tensor items first: one that must be refused fails before any tensor of the
-        receiver is overwritten. Tensors then follow in file order (sequential reads)."""
-
-        def order(item: ReadItem):
-            info = self.storage_data[item.storage_index]
-            return (item.type != LoadItemType.BYTE_IO, info.relative_path, info.offset)
-
-        return super().read_data(dataclasses.replace(plan, items=sorted(plan.items, key=order)), planner)
-
-    def _read_checked(self, name: str):
-        root = os.fspath(self.path)
-        path = safe_join(root, name)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"DCP metadata missing: {path}", path) from None
-        metadata = safe_load_metadata(data, path)
-        check_storage_layout(metadata, root)
-        return metadata
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """Non-tensor values (ints, strings, lists in train/lr state) come back through
-    ``torch.load(weights_only=True)``, which cannot construct arbitrary objects; DCP's own
-    planner uses ``weights_only=False`` here."""
-
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        fqn = read_item.dest_index.fqn
-        try:
-            obj = torch.load(value, weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise UnsafeCheckpointError(
-                f"non-tensor value {fqn!r} needs more than weights_only=True allows (it could run code); "
-                f"refusing it: {e}"
-            ) from None
-        except Exception as e:
-            raise CorruptCheckpointError(f"non-tensor value {fqn!r} is unreadable: {e!r}") from None
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[fqn], obj)
-        else:
-            self.state_dict[fqn] = obj
+__all__ = ["DCPBackend", "DCP_METADATA", "SafeFileSystemReader", "SafeLoadPlanner", "read_metadata", "check_fits"]
 
 
 def first_failure(error: BaseException) -> BaseException:
@@ -111,10 +37,6 @@ def first_failure(error: BaseException) -> BaseException:
         wrapped = failures[min(failures)]
         return wrapped[0] if isinstance(wrapped, tuple) else wrapped
     return error
-
-
-def read_metadata(step_dir: str):
-    return SafeFileSystemReader(step_dir).read_metadata()
 
 
 def check_fits(metadata, flat: dict[str, Any], source: str) -> None:

@@ -184,8 +184,10 @@ def check_storage_layout(metadata: Any, root: str) -> None:
     ``root``), ranges in one file never overlap, and a tensor item is at least as long as its
     data. Raises before any data is read, naming the file and the state key."""
     by_file: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
+    joined: dict[str, str] = {}  # one realpath walk per file, not per item
     for index, info in metadata.storage_data.items():
-        path = safe_join(root, os.fspath(info.relative_path))
+        relative = os.fspath(info.relative_path)
+        path = joined.get(relative) or joined.setdefault(relative, safe_join(root, relative))
         by_file[path].append((info.offset, info.length, index.fqn))
         least = _chunk_nbytes(metadata, index)
         if least is not None and info.length < least:

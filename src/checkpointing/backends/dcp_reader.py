@@ -1,0 +1,226 @@
+"""Reading DCP step directories: safely, and with one copy of each byte.
+
+Safely: ``.metadata`` goes through :mod:`.safe_metadata` (no code runs, every byte range stays in
+its file), non-tensor values through ``torch.load(weights_only=True)``, and they are read before
+any tensor so a refused value leaves the receiver untouched.
+
+With one copy: DCP's own reader ``torch.load``s each tensor into a fresh buffer and then copies
+it into the receiver, touching every byte three times (allocate, read, copy). A tensor item is a
+small ``torch.save`` zip whose data record is stored uncompressed, so this reader parses only the
+item's pickle (on the meta device, no data read), finds the record's offset, and reads the bytes
+straight into the receiving tensor. Anything unusual (another dtype, a non-contiguous target,
+a GPU target, big-endian data) takes DCP's general path instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import itertools
+import os
+import pickle
+import sys
+from typing import Any
+
+import torch
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.utils import _create_file_view
+from torch.futures import Future
+
+from ..errors import CorruptCheckpointError, UnsafeCheckpointError
+from ..safepath import safe_join
+from .safe_metadata import check_storage_layout, safe_load_metadata
+
+DCP_METADATA = ".metadata"
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """FileSystemReader that parses metadata without executing code, refuses metadata whose
+    file names leave the checkpoint directory or whose byte ranges leave their files, and reads
+    tensor bytes straight into the receiver.
+
+    The checked metadata is kept, so the fit check before a load and ``dcp.load`` itself parse
+    and stat the checkpoint once."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        self._checked: dict[str, Any] = {}
+        self._metadata: Any = None
+        self.direct_reads = 0
+        """Tensor items read straight into the receiver (the rest took DCP's general path)."""
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        super().reset(checkpoint_id)
+        if checkpoint_id:  # another directory: nothing checked so far applies to it
+            self._checked, self._metadata = {}, None
+
+    # -- metadata
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        rank = kwargs.get("rank")
+        name = DCP_METADATA if rank is None else f"__{rank}{DCP_METADATA}"
+        if name not in self._checked:
+            self._checked[name] = self._read_checked(name)
+        metadata = self._checked[name]
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        self._metadata = metadata
+        return metadata
+
+    def _read_checked(self, name: str):
+        root = os.fspath(self.path)
+        path = safe_join(root, name)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"DCP metadata missing: {path}", path) from None
+        metadata = safe_load_metadata(data, path)
+        check_storage_layout(metadata, root)
+        return metadata
+
+    # -- data
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        """Non-tensor items first: one that must be refused fails before any tensor of the
+        receiver is overwritten. Tensors then follow in file order (sequential reads)."""
+
+        def order(item: ReadItem):
+            info = self.storage_data[item.storage_index]
+            return (item.type != LoadItemType.BYTE_IO, info.relative_path, info.offset)
+
+        items = sorted(plan.items, key=order)
+        for group in ([i for i in items if i.type == LoadItemType.BYTE_IO], [i for i in items if i.type != LoadItemType.BYTE_IO]):
+            for relative_path, file_items in itertools.groupby(group, key=lambda i: self.storage_data[i.storage_index].relative_path):
+                path = self.fs.concat_path(self.path, relative_path)
+                with self.fs.create_stream(path, "rb") as stream:
+                    for item in file_items:
+                        self._read_item(stream, item, planner, os.fspath(path))
+        fut: Future = Future()
+        fut.set_result(None)
+        return fut
+
+    def _read_item(self, stream, item: ReadItem, planner: LoadPlanner, path: str) -> None:
+        info = self.storage_data[item.storage_index]
+        if item.type == LoadItemType.BYTE_IO:
+            view = _create_file_view(stream, info.offset, info.length)
+            planner.load_bytes(item, io.BytesIO(view.read(-1)))
+        elif not self._read_tensor_direct(stream, info, item, planner, path):
+            self._read_tensor_general(stream, info, item, planner)
+
+    def _read_tensor_general(self, stream, info, item: ReadItem, planner: LoadPlanner) -> None:
+        """DCP's own way: load the item into a new tensor, narrow it, copy it into the target."""
+        view = _create_file_view(stream, info.offset, info.length)
+        tensor = torch.load(view, map_location="cpu", weights_only=True)
+        tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
+        target = planner.resolve_tensor(item).detach()
+        if target.size() != tensor.size():
+            raise CorruptCheckpointError(
+                f"{item.storage_index.fqn!r}: stored chunk has size {tuple(tensor.size())}, the receiver "
+                f"expects {tuple(target.size())}"
+            )
+        target.copy_(tensor)
+        planner.commit_tensor(item, target)
+
+    def _read_tensor_direct(self, stream, info, item: ReadItem, planner: LoadPlanner, path: str) -> bool:
+        """Read the item's bytes straight into the target; False when this item needs the
+        general path (nothing has been written to the target then)."""
+        target = planner.resolve_tensor(item).detach()
+        if target.device.type != "cpu" or not target.is_contiguous() or sys.byteorder != "little":
+            return False
+        view = _create_file_view(stream, info.offset, info.length)
+        archive = torch._C.PyTorchFileReader(view)  # the zip directory only: no data is read
+        if [r for r in archive.get_all_records() if r.startswith("data/")] != ["data/0"]:
+            return False
+        if archive.has_record("byteorder") and bytes(archive.get_record("byteorder")) != b"little":
+            return False
+        stored = self._stored_tensor(view, archive, item, target.dtype)
+        if stored is None or stored.dtype != target.dtype:
+            return False
+        record_offset, record_size = archive.get_record_offset("data/0"), archive.get_record_size("data/0")
+        if record_size != stored.numel() * stored.element_size() or record_offset + record_size > info.length:
+            return False
+        region = narrow_tensor_by_index(stored, item.storage_offsets, item.lengths)
+        if region.size() != target.size() or not region.is_contiguous():
+            return False
+        itemsize = region.element_size()
+        if region.numel():
+            stream.seek(info.offset + record_offset + region.storage_offset() * itemsize)
+            _read_exactly(stream, target.reshape(-1).view(torch.uint8).numpy(), path, item.storage_index.fqn)
+        planner.commit_tensor(item, target)
+        self.direct_reads += 1
+        return True
+
+    def _stored_tensor(self, view, archive, item: ReadItem, dtype: torch.dtype) -> torch.Tensor | None:
+        """The stored tensor's description, as a meta tensor, when it is a plain contiguous tensor
+        over all of storage ``0``; None otherwise.
+
+        Fast: its pickle is byte for byte the one torch.save writes for a plain tensor of the
+        chunk's shape. Otherwise the pickle is read with ``weights_only=True`` on the meta device."""
+        shape = self._chunk_shape(item)
+        if shape is not None and bytes(archive.get_record("data.pkl")) == _plain_tensor_pickle(dtype, shape):
+            return torch.empty(shape, dtype=dtype, device="meta")
+        view.seek(0)
+        stored = torch.load(view, map_location="meta", weights_only=True)
+        if type(stored) is not torch.Tensor or stored.storage_offset() != 0 or not stored.is_contiguous():
+            return None
+        if stored.untyped_storage().nbytes() != stored.numel() * stored.element_size():
+            return None
+        return stored
+
+    def _chunk_shape(self, item: ReadItem) -> tuple[int, ...] | None:
+        entry = self._metadata.state_dict_metadata.get(item.storage_index.fqn) if self._metadata else None
+        for chunk in getattr(entry, "chunks", ()):
+            if tuple(chunk.offsets) == tuple(item.storage_index.offset or ()):
+                return tuple(chunk.sizes)
+        return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _plain_tensor_pickle(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
+    """``data.pkl`` of ``torch.save`` of a fresh contiguous tensor (data skipped, memory untouched)."""
+    buffer = io.BytesIO()
+    with torch.serialization.skip_data():
+        torch.save(torch.empty(shape, dtype=dtype), buffer)
+    return bytes(torch._C.PyTorchFileReader(io.BytesIO(buffer.getvalue())).get_record("data.pkl"))
+
+
+def _read_exactly(stream, buffer, path: str, fqn: str) -> None:
+    view = memoryview(buffer).cast("B")
+    done = 0
+    while done < len(view):
+        n = stream.readinto(view[done:])
+        if not n:
+            raise CorruptCheckpointError(f"{path}: {fqn!r} is cut short ({done} of {len(view)} bytes)", path)
+        done += n
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """Non-tensor values (ints, strings, lists in train/lr state) come back through
+    ``torch.load(weights_only=True)``, which cannot construct arbitrary objects; DCP's own
+    planner uses ``weights_only=False`` here."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(
+                f"non-tensor value {fqn!r} needs more than weights_only=True allows (it could run code); "
+                f"refusing it: {e}"
+            ) from None
+        except Exception as e:
+            raise CorruptCheckpointError(f"non-tensor value {fqn!r} is unreadable: {e!r}") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+
+def read_metadata(step_dir: str):
+    """A step directory's DCP metadata, checked (no code runs, every byte range in its file)."""
+    return SafeFileSystemReader(step_dir).read_metadata()
