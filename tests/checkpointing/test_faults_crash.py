@@ -53,16 +53,25 @@ def _committed_entries(folder: str, steps: list[int]) -> set[str]:
     return {f"step-{s}" for s in steps}
 
 
+def _crash(server, case: str, tmp_path, channel: str, point: str):
+    """Run the doomed save in a forked child and insist that it died where it was told to."""
+    kp = killpoints.BY_NAME[point]
+    outcome = server.run("crash", case=case, base_folder=str(tmp_path), channel=channel, point=point)
+    if outcome.exitcode == child_jobs.NO_RECIPE:
+        pytest.skip(f"{case}: no way to kill it {kp.what} is known; add a recipe to faults/killpoints.py")
+    if outcome.exitcode == child_jobs.NOT_REACHED:
+        pytest.fail(f"{case}: the save never passed kill point {point!r} ({kp.what}); fix its recipe in faults/killpoints.py")
+    assert outcome.signal == signal.SIGKILL, outcome.describe()
+    return outcome
+
+
 @pytest.mark.parametrize("point", [p.name for p in killpoints.KILL_POINTS])
 @pytest.mark.parametrize("case", CASES)
 def test_sigkill_mid_save_keeps_previous_step_and_hides_the_partial(server, base, case, point, tmp_path):
     require_persistent(case, "a SIGKILLed writer takes its steps with it; nothing is left to resume from")
     kp = killpoints.BY_NAME[point]
     channel = _channel()
-    outcome = server.run("crash", case=case, base_folder=str(tmp_path), channel=channel, point=point)
-    if outcome.exitcode == child_jobs.NOT_REACHED:
-        pytest.fail(f"{case}: the save never passed kill point {point!r} ({kp.what}); add a recipe in faults/killpoints.py")
-    assert outcome.signal == signal.SIGKILL, outcome.describe()
+    outcome = _crash(server, case, tmp_path, channel, point)
 
     previous = [1, 2] if kp.purge else [1]
     doomed = previous[-1] + 1
@@ -116,10 +125,7 @@ def test_publisher_killed_mid_publish_never_serves_torn_weights(server, base, ca
         pytest.skip(f"{case} is persistent: covered by the SIGKILL test above")
     require_cross_process(case, "its publisher and readers share one process and die together")
     channel = _channel()
-    outcome = server.run("crash", case=case, base_folder=str(tmp_path), channel=channel, point=point)
-    if outcome.exitcode == child_jobs.NOT_REACHED:
-        pytest.fail(f"{case}: the publish never passed kill point {point!r}; add a recipe in faults/killpoints.py")
-    assert outcome.signal == signal.SIGKILL, outcome.describe()
+    _crash(server, case, tmp_path, channel, point)
 
     reader = Side(case, str(tmp_path), channel, load_only=True)
     before = snapshot(reader.model)

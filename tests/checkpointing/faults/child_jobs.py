@@ -15,13 +15,19 @@ from tests.checkpointing.faults.versions import BASE_SEED, Side, base_weights
 
 NOT_REACHED = 3
 """Exit code of a child whose doomed save completed: the kill point was never passed."""
+NO_RECIPE = 4
+"""Exit code of a child that does not know how to die at that point on this backend."""
 
 
 def crash(case: str, base_folder: str, channel: str, point: str) -> None:
     """Commit the previous step(s), then die at ``point`` during the next save."""
     kp = killpoints.BY_NAME[point]
     trap = killpoints.Trap(point, os.path.join(base_folder, "checkpoint"), case_backend(case))
-    trap.install()
+    try:
+        trap.install()
+    except LookupError as e:
+        print(e, flush=True)
+        os._exit(NO_RECIPE)
     base = base_weights()
     side = Side(case, base_folder, channel, seed=BASE_SEED, keep_latest_k=2)
     previous = [1, 2] if kp.purge else [1]
