@@ -19,10 +19,10 @@ import os
 import re
 import shutil
 import uuid
-import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
+from .checksum import crc32_file  # noqa: F401  (also re-exported: commit.crc32_file)
 from .errors import CorruptCheckpointError, StepNotFoundError, UnsafeCheckpointError
 from .safepath import check_no_escaping_links, safe_join
 
@@ -33,22 +33,6 @@ MANIFEST_FORMAT = "titan-checkpointing/1"
 STEP_RE = re.compile(r"^step-(\d+)$")
 STAGING_PREFIX = ".inflight-"
 TRASH_PREFIX = ".trash-"
-_CHUNK = 16 << 20
-
-
-def crc32_file(path: str) -> tuple[int, int]:
-    """(size, crc32) of a file, read in chunks."""
-    crc, size = 0, 0
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(_CHUNK)
-        view = memoryview(buf)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            crc = zlib.crc32(view[:n], crc)
-            size += n
-    return size, crc
 
 
 def fsync_path(path: str) -> None:
