@@ -1,8 +1,9 @@
 """A process that pays the torch + torchtitan import once and forks a fresh child per job.
 
 Starting a Python that imports torch and torchtitan costs ~4 s here; forking one that already
-has costs milliseconds. The server itself never runs a torch op (no thread pools exist when it
-forks), reads one JSON request per line on stdin, forks, and answers with how the child ended:
+has costs milliseconds. The server runs no torch op and its math libraries are held to one
+thread, so it is single-threaded whenever it forks (checked before every fork). It reads one
+JSON request per line on stdin, forks, and answers with how the child ended:
 ``{"exitcode": int | None, "signal": int | None}``. Children write tracebacks to the server's
 stderr, which the client keeps in a file for failure messages.
 """
@@ -38,9 +39,13 @@ class ForkServer:
     def __init__(self, timeout_s: float = 60.0):
         self.timeout_s = timeout_s
         self._log = tempfile.NamedTemporaryFile(prefix="forkserver-", suffix=".log", delete=False)
+        # One-thread math libraries: OpenBLAS and OpenMP would otherwise start thread pools at
+        # import, and a child forked from a multi-threaded process can hang in its first
+        # parallel region. The children's tensors are tiny; one thread costs nothing.
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.checkpointing.faults.forkserver"],
-            cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+            cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
             start_new_session=True, text=True, bufsize=1,
         )
         line = self._readline(120.0)
@@ -103,6 +108,9 @@ def _serve() -> None:
     print("ready", flush=True)
     for line in sys.stdin:
         request = json.loads(line)
+        threads = os.listdir("/proc/self/task")
+        if len(threads) != 1:  # forking a multi-threaded process can deadlock the child
+            raise RuntimeError(f"fork server has {len(threads)} OS threads; it must fork single-threaded")
         pid = os.fork()
         if pid == 0:
             os.dup2(2, 1)  # the protocol owns stdout: a child's prints go to the log
