@@ -89,12 +89,19 @@ class Manifest:
         return cls(step=int(raw.get("step", -1)), backend=str(raw.get("backend", "")), files=files)
 
     @classmethod
-    def build(cls, step_dir: str, step: int, backend: str) -> "Manifest":
+    def build(cls, step_dir: str, step: int, backend: str, known: dict[str, tuple[int, int]] | None = None) -> "Manifest":
+        """``known``: (size, crc32) a writer computed from the bytes it wrote, used while the file
+        still has that size, so the commit does not read the data a second time."""
         files = {}
         for rel in _files_under(step_dir):
             if rel == MANIFEST:
                 continue
-            size, crc = crc32_file(os.path.join(step_dir, rel))
+            path = os.path.join(step_dir, rel)
+            hint = (known or {}).get(rel)
+            if hint is not None and os.path.getsize(path) == hint[0]:
+                size, crc = hint
+            else:
+                size, crc = crc32_file(path)
             files[rel] = {"size": size, "crc32": crc}
         return cls(step=step, backend=backend, files=files)
 
@@ -136,6 +143,12 @@ class StepDirectory:
         self.backend = backend
         self.foreign_marker = foreign_marker
         self.process_group = process_group
+        self._known_checksums: dict[str, dict[str, tuple[int, int]]] = {}
+
+    def record_checksum(self, staging: str, relpath: str, size: int, crc32: int) -> None:
+        """A writer that computed a staged file's CRC32 while writing it hands it over (see
+        :meth:`Manifest.build`); only the committing rank's records are used."""
+        self._known_checksums.setdefault(staging, {})[relpath] = (size, crc32)
 
     # --- distributed helpers -------------------------------------------------------------
     def _dist(self):
@@ -183,6 +196,7 @@ class StepDirectory:
     def stage(self, step: int) -> Iterator[str]:
         """Yield a staging directory; on a clean exit, make it ``step-N`` atomically."""
         staging = self.staging_path(step)
+        self._known_checksums.pop(staging, None)
         if self._rank() == 0:
             shutil.rmtree(staging, ignore_errors=True)
             os.makedirs(staging)
@@ -207,7 +221,7 @@ class StepDirectory:
     def _commit(self, staging: str, step: int) -> None:
         for rel in _files_under(staging):
             fsync_path(os.path.join(staging, rel))
-        manifest = Manifest.build(staging, step, self.backend)
+        manifest = Manifest.build(staging, step, self.backend, known=self._known_checksums.pop(staging, None))
         tmp = os.path.join(staging, MANIFEST + ".tmp")
         with open(tmp, "w") as f:
             f.write(manifest.to_json())

@@ -13,6 +13,7 @@ the receiver is compared with the checkpoint before any tensor is touched
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -62,7 +63,8 @@ class HFBackend:
                 self._warned_no_extras = True
             extras = {}
         with self.store.stage(step) as staging:
-            write_model(staging, state.model, self.naming, self.max_shard_bytes, self.ctx.process_group)
+            record = functools.partial(self.store.record_checksum, staging)
+            write_model(staging, state.model, self.naming, self.max_shard_bytes, self.ctx.process_group, record_checksum=record)
             if extras:
                 self._dcp().write_dir(os.path.join(staging, SIDECAR), extras)
 
@@ -105,10 +107,12 @@ class HFBackend:
             plan = plan_load(directory, state.model, self.naming)
         if state.extras:
             check_sidecar(path, state.extras)
-        if directory is not None and plan is not None:
-            load_model(directory, plan, state.model)
+        # The sidecar first: its non-tensor values (the only part that can still be refused
+        # after the checks above) are read before any tensor, so a refusal changes nothing.
         if state.extras:
             read_sidecar(path, state.extras, self.ctx.process_group)
+        if directory is not None and plan is not None:
+            load_model(directory, plan, state.model)
 
     # -- listing, deleting
     def steps(self) -> list[int]:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from ...errors import CheckpointError
 from .directory import CONFIG, INDEX, index_json, plan_shards, shard_name
 from .hf_config import hf_config
 from .safetensors_io import write_shard
@@ -53,10 +54,12 @@ def write_model(
     max_shard_bytes: int,
     process_group: Any = None,
     progress: Callable[[int], None] | None = None,
+    record_checksum: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Write ``model_state`` (TorchTitan keys) under HF names into ``root``; returns the HF dict.
 
-    Every rank calls this; only rank 0 writes plain tensors, every rank writes its DTensor shards."""
+    Every rank calls this; only rank 0 writes plain tensors, every rank writes its DTensor shards.
+    ``record_checksum(relpath, size, crc32)`` receives what each shard's writer computed."""
     hf_state = naming.to_hf(model_state)
     bad = sorted(k for k, v in hf_state.items() if not isinstance(v, torch.Tensor))
     if bad:
@@ -65,7 +68,7 @@ def write_model(
     if any(is_dtensor(v) for v in hf_state.values()):
         _write_distributed(root, hf_state, shards, process_group)
     elif _rank(process_group) == 0:
-        _write_local(root, hf_state, shards, progress)
+        _write_local(root, hf_state, shards, progress, record_checksum)
     if _rank(process_group) == 0:
         config = hf_config(naming.model_args, hf_state)
         if config is not None:
@@ -73,11 +76,13 @@ def write_model(
     return hf_state
 
 
-def _write_local(root: str, hf_state: dict[str, Any], shards: list[list[str]], progress) -> None:
+def _write_local(root: str, hf_state: dict[str, Any], shards: list[list[str]], progress, record_checksum) -> None:
     weight_map: dict[str, str] = {}
     for i, names in enumerate(shards, start=1):
         rel = shard_name(i, len(shards))
-        write_shard(os.path.join(root, rel), [(n, hf_state[n]) for n in names], progress=progress)
+        size, crc = write_shard(os.path.join(root, rel), [(n, hf_state[n]) for n in names], progress=progress)
+        if record_checksum is not None:
+            record_checksum(rel, size, crc)
         weight_map.update(dict.fromkeys(names, rel))
     total = sum(tensor_nbytes(v) for v in hf_state.values())
     _write_text(os.path.join(root, INDEX), index_json(weight_map, total))
@@ -87,11 +92,18 @@ def _write_distributed(root: str, hf_state: dict[str, Any], shards: list[list[st
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
     from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files_on_every_rank
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from ..dcp import first_failure
 
     mapping = {name: i for i, names in enumerate(shards, start=1) for name in names}
     scratch = os.path.join(root, SCRATCH)
     writer = HuggingFaceStorageWriter(path=scratch, fqn_to_index_mapping=mapping, save_distributed=True, enable_consolidation=False)
-    dcp.save(hf_state, storage_writer=writer, process_group=process_group)
+    try:
+        dcp.save(hf_state, storage_writer=writer, process_group=process_group)
+    except CheckpointException as e:  # a BaseException: surface the first rank's cause as ours
+        first = first_failure(e)
+        raise CheckpointError(f"writing Hugging Face shards into {scratch} failed: {first!r}") from first
     consolidate_safetensors_files_on_every_rank(scratch, root, mapping, process_group=process_group)  # ends in a barrier
     if _rank(process_group) == 0:
         shutil.rmtree(scratch)

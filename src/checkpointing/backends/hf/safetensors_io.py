@@ -19,6 +19,7 @@ import json
 import math
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -216,22 +217,25 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[n:]
 
 
-def write_shard(path: str, named: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None, progress=None) -> int:
-    """Write one safetensors file; returns its size. The caller's commit protocol fsyncs it."""
+def write_shard(path: str, named: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None, progress=None) -> tuple[int, int]:
+    """Write one safetensors file; returns (size, crc32) of what was written, computed from the
+    same memory on the way out so the commit need not read the file back. The caller's commit
+    protocol fsyncs it."""
     head = build_header(named, metadata)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         _write_all(fd, memoryview(head))
-        total = len(head)
+        total, crc = len(head), zlib.crc32(head)
         for _, tensor in named:
             data = tensor_bytes(tensor)
             _write_all(fd, data)
+            crc = zlib.crc32(data, crc)
             total += len(data)
             if progress is not None:
                 progress(len(data))
     finally:
         os.close(fd)
-    return total
+    return total, crc
 
 
 # ------------------------------------------------------------------------------------- reading

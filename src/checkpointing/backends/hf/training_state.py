@@ -14,10 +14,11 @@ import os
 from typing import Any
 
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ...errors import CheckpointError, CorruptCheckpointError, StateMismatchError
 from ...safepath import safe_join
-from ..dcp import SafeFileSystemReader, SafeLoadPlanner, check_fits
+from ..dcp import SafeFileSystemReader, SafeLoadPlanner, check_fits, first_failure
 
 SIDECAR = "training_state"
 
@@ -50,10 +51,9 @@ def read_sidecar(step_dir: str, extras: dict[str, Any], process_group: Any = Non
         dcp.load(holder, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(), process_group=process_group)
     except CheckpointError:
         raise
-    except Exception as e:
-        failures = getattr(e, "failures", None)
-        first = next(iter(failures.values())) if isinstance(failures, dict) and failures else e
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+        first = first_failure(e)
         if isinstance(first, CheckpointError):
-            raise first from e
-        raise CorruptCheckpointError(f"reading training state {path} failed: {first!r}", path) from e
+            raise first from None
+        raise CorruptCheckpointError(f"reading training state {path} failed: {first!r}", path) from first
     extras.update(holder)
