@@ -372,3 +372,49 @@ def test_shm_verify_data_catches_a_flipped_byte_before_copying(tmp_path, unique_
         with pytest.raises(CorruptCheckpointError, match="tok_embeddings.weight"):
             reader.load(step=1)
         assert_state_equal(previous, receiver.state_dict())
+
+
+def test_publisher_changing_layout_between_versions(case, tmp_path, unique_channel):
+    """A last-step export in bf16 after fp32 versions: the slot is re-laid out, and both kinds
+    of receiver find the version that fits them."""
+    model = build_titan_model(seed=0)
+    cfg = _memory(case, unique_channel, keep_versions=2)
+    cfg.last_save_model_only, cfg.export_dtype = True, "bfloat16"
+    fp32_receiver, bf16_receiver = build_titan_model(seed=1), build_titan_model(seed=2).to(torch.bfloat16)
+    with _ckpt(model, cfg, tmp_path) as writer, _ckpt(fp32_receiver, cfg, tmp_path) as a, _ckpt(bf16_receiver, cfg, tmp_path) as b:
+        for step in (1, 2, 3):
+            _bump(model, 1.0)
+            writer.save(step)
+        writer.save(4, last_step=True)
+        assert writer.backend.steps() == [3, 4]
+        assert a.load(step=3)
+        assert_state_equal(model.state_dict(), fp32_receiver.state_dict())
+        assert b.load() and b.loaded_step == 4
+        assert_state_equal({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, bf16_receiver.state_dict())
+
+
+def test_shm_explicit_reclaim_frees_a_dead_publishers_segments(tmp_path, unique_channel):
+    from checkpointing.backends.memory import PublisherGoneError, reclaim_stale_segments
+
+    model = build_titan_model(seed=0)
+    receiver = build_titan_model(seed=1)
+    writer = _ckpt(model, _shm(unique_channel), tmp_path)
+    writer.save(1)
+    with _ckpt(receiver, _shm(unique_channel), tmp_path) as reader:
+        assert reader.load()
+        assert reclaim_stale_segments(unique_channel) == []  # a live publisher's segments stay
+        # Simulate the publisher's death in this process: its lock goes, its files stay.
+        transport = writer.backend.transport
+        os.close(transport._own.fd)
+        for seg in transport._own_segments:
+            seg.map.close()
+        for fd in transport._own.slot_fds:
+            os.close(fd)
+        transport._own, transport._own_segments = None, []
+        with pytest.raises(PublisherGoneError):
+            reader.load()
+        removed = reclaim_stale_segments(unique_channel)  # not all channels: other tests run beside us
+        assert len(set(removed)) == len(removed) == 1 + 4  # control + keep_versions (4) slots
+        assert channel_files(unique_channel) == []
+        assert reader.load() is False
+    writer.close()

@@ -128,18 +128,26 @@ class Layout:
 
     # ------------------------------------------------------------------ manifest
     def to_manifest(self, version: int, checksums: list[int] | None = None) -> bytes:
-        doc = {
-            "format": MANIFEST_FORMAT,
-            "version": version,
-            "nbytes": self.nbytes,
-            "tensors": [
-                {"name": e.name, "dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape), "offset": e.offset, "nbytes": e.nbytes}
-                for e in self.entries
-            ],
-            "aliases": dict(self.aliases),
-            "checksums": checksums,
-        }
-        return json.dumps(doc, separators=(",", ":")).encode()
+        """The JSON manifest of one version. Only the version and checksums change from one
+        publish to the next, so the tensor table is encoded once per layout."""
+        tail = f'"version":{int(version)},"checksums":{json.dumps(checksums, separators=(",", ":"))}}}'
+        return self._manifest_head() + tail.encode()
+
+    def _manifest_head(self) -> bytes:
+        head = self.__dict__.get("_head")
+        if head is None:
+            table = {
+                "format": MANIFEST_FORMAT,
+                "nbytes": self.nbytes,
+                "tensors": [
+                    {"name": e.name, "dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape), "offset": e.offset, "nbytes": e.nbytes}
+                    for e in self.entries
+                ],
+                "aliases": dict(self.aliases),
+            }
+            head = json.dumps(table, separators=(",", ":"))[:-1].encode() + b","
+            object.__setattr__(self, "_head", head)
+        return head
 
     def manifest_budget(self, with_checksums: bool) -> int:
         """Bytes a manifest of this layout can take, whatever version and checksums it holds."""
@@ -172,7 +180,7 @@ def parse_manifest(raw: bytes, data_len: int, source: str) -> tuple[Layout, int,
 
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, absurd nesting
         raise bad(f"not JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
         raise bad(f"format is not {MANIFEST_FORMAT!r}")
