@@ -221,21 +221,52 @@ def write_shard(path: str, named: list[tuple[str, torch.Tensor]], metadata: dict
     """Write one safetensors file; returns (size, crc32) of what was written, computed from the
     same memory on the way out so the commit need not read the file back. The caller's commit
     protocol fsyncs it."""
-    head = build_header(named, metadata)
+    head = memoryview(build_header(named, metadata))
+    crc = _Crc32OnTheSide()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        _write_all(fd, memoryview(head))
-        total, crc = len(head), zlib.crc32(head)
+        crc.add(head)
+        _write_all(fd, head)
+        total = len(head)
         for _, tensor in named:
             data = tensor_bytes(tensor)
+            crc.add(data)
             _write_all(fd, data)
-            crc = zlib.crc32(data, crc)
             total += len(data)
             if progress is not None:
                 progress(len(data))
     finally:
         os.close(fd)
-    return total, crc
+        checksum = crc.result()
+    return total, checksum
+
+
+class _Crc32OnTheSide:
+    """CRC32 of the buffers being written, computed on one helper thread while the caller's
+    ``os.write`` copies the same buffer into the page cache (both release the GIL), so the
+    checksum costs little wall time. One worker keeps the buffers in order; each pending task
+    holds its buffer alive."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crc32")
+        self._crc = 0
+        self._pending: list = []
+
+    def _update(self, data: memoryview) -> None:
+        self._crc = zlib.crc32(data, self._crc)
+
+    def add(self, data: memoryview) -> None:
+        self._pending.append(self._pool.submit(self._update, data))
+
+    def result(self) -> int:
+        try:
+            for task in self._pending:
+                task.result()
+        finally:
+            self._pool.shutdown(wait=True)
+        return self._crc
 
 
 # ------------------------------------------------------------------------------------- reading
