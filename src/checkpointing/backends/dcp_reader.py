@@ -141,7 +141,10 @@ class SafeFileSystemReader(FileSystemReader):
         stored = self._stored_tensor(view, archive, item, target.dtype)
         if stored is None or stored.dtype != target.dtype:
             return False
-        record_offset, record_size = archive.get_record_offset("data/0"), archive.get_record_size("data/0")
+        size_of = getattr(archive, "get_record_size", None)  # torch >= 2.12
+        if size_of is None:
+            return False
+        record_offset, record_size = archive.get_record_offset("data/0"), size_of("data/0")
         if record_size != stored.numel() * stored.element_size() or record_offset + record_size > info.length:
             return False
         region = narrow_tensor_by_index(stored, item.storage_offsets, item.lengths)
