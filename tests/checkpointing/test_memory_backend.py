@@ -355,7 +355,6 @@ def test_shm_damaged_slot_is_a_typed_error_and_receiver_is_untouched(tmp_path, u
 def test_shm_verify_data_catches_a_flipped_byte_before_copying(tmp_path, unique_channel):
     model = build_titan_model(seed=0)
     receiver = build_titan_model(seed=1)
-    before = _clone(receiver)
     cfg = _shm(unique_channel, verify_data=True)
     with _ckpt(model, cfg, tmp_path) as writer, _ckpt(receiver, cfg, tmp_path) as reader:
         writer.save(1)
