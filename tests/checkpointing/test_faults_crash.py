@@ -16,18 +16,17 @@ import uuid
 
 import pytest
 
+from checkpointing import CheckpointError
 from tests.checkpointing.faults import child_jobs, killpoints
 from tests.checkpointing.faults.forkserver import ForkServer
 from tests.checkpointing.faults.matrix import (
     CASES,
-    STEP_DIR,
     capabilities,
     require_cross_process,
     require_persistent,
     titan_find_load_step,
     titan_visible,
 )
-from checkpointing import CheckpointError
 from tests.checkpointing.faults.versions import BASE_SEED, Side, assert_unchanged, base_weights, snapshot
 
 pytestmark = pytest.mark.timeout(180)
@@ -49,7 +48,7 @@ def _channel() -> str:
     return f"f{uuid.uuid4().hex[:12]}"
 
 
-def _committed_entries(folder: str, steps: list[int]) -> set[str]:
+def _step_names(steps: list[int]) -> set[str]:
     return {f"step-{s}" for s in steps}
 
 
@@ -71,7 +70,7 @@ def test_sigkill_mid_save_keeps_previous_step_and_hides_the_partial(server, base
     require_persistent(case, "a SIGKILLed writer takes its steps with it; nothing is left to resume from")
     kp = killpoints.BY_NAME[point]
     channel = _channel()
-    outcome = _crash(server, case, tmp_path, channel, point)
+    _crash(server, case, tmp_path, channel, point)
 
     previous = [1, 2] if kp.purge else [1]
     doomed = previous[-1] + 1
@@ -96,13 +95,13 @@ def test_sigkill_mid_save_keeps_previous_step_and_hides_the_partial(server, base
     for step in committed[:-1]:
         assert reader.ckpt.load(step) is True
         reader.assert_loaded_version(base, step)
-    leftovers = sorted(set(os.listdir(folder)) - _committed_entries(folder, committed))
+    leftovers = sorted(set(os.listdir(folder)) - _step_names(committed))
 
     # A new writer (a restarted trainer) cleans the debris and saves on.
     writer = Side(case, str(tmp_path), channel, seed=BASE_SEED, keep_latest_k=2)
     remaining = set(os.listdir(folder))
-    assert remaining == _committed_entries(folder, writer.ckpt.backend.steps()), (
-        f"leftovers {sorted(remaining - _committed_entries(folder, committed))} survived cleanup (were {leftovers})"
+    assert remaining == _step_names(writer.ckpt.backend.steps()), (
+        f"leftovers {sorted(remaining - _step_names(committed))} survived cleanup (were {leftovers})"
     )
     writer.save_version(base, 10)
     assert reader.ckpt.load() is True
@@ -150,14 +149,25 @@ def test_publisher_killed_mid_publish_never_serves_torn_weights(server, base, ca
 POLL_VERSIONS = 12
 
 
-def _poll_until(done, reader: Side, base) -> list[int]:
+def _poll_until(done, reader: Side, base, report=None) -> list[int]:
     """load() in a loop until ``done()``; every successful load must be a whole known version."""
     seen = []
     while not done():
         if reader.ckpt.load():
             reader.assert_loaded_version(base, reader.ckpt.loaded_step)
             seen.append(reader.ckpt.loaded_step)
+            if report is not None:
+                report(reader.ckpt.loaded_step)
     return seen
+
+
+def _report_seen(handshake):
+    def report(step: int) -> None:
+        tmp = handshake / "seen.tmp"
+        tmp.write_text(str(step))
+        os.replace(tmp, handshake / "seen")
+
+    return report
 
 
 def _check_polling(seen: list[int], reader: Side, base) -> None:
@@ -186,7 +196,7 @@ def test_reader_polling_a_writer_process_never_sees_a_partial_step(server, base,
         return (handshake / "published").exists()
 
     deadline = time.monotonic() + 90
-    seen = _poll_until(lambda: writer_done() or time.monotonic() > deadline, reader, base)
+    seen = _poll_until(lambda: writer_done() or time.monotonic() > deadline, reader, base, _report_seen(handshake))
     assert (handshake / "published").exists(), "the writer did not finish in time"
     _check_polling(seen, reader, base)
     (handshake / "release").touch()

@@ -43,17 +43,33 @@ def publish(case: str, base_folder: str, channel: str, versions: int, handshake:
     reader's feet), starting once the reader is polling and closing only once it has checked the
     last version (a memory channel goes away with its publisher).
 
-    ``handshake`` is a directory: the reader creates ``go`` and ``release``, we create ``published``."""
+    ``handshake`` is a directory: the reader creates ``go`` and ``release`` and keeps the newest
+    step it loaded in ``seen``; we create ``published``. Before the next version we wait (briefly)
+    for the reader to have loaded the last one, so even on a loaded machine the reader's loads
+    overlap our writes many times instead of only ever catching the final version."""
     base = base_weights()
     side = Side(case, base_folder, channel, seed=BASE_SEED, keep_latest_k=2)
     _wait_for(os.path.join(handshake, "go"))
     for version in range(1, versions + 1):
         side.save_version(base, version)
+        _wait_until_seen(os.path.join(handshake, "seen"), version, timeout_s=1.0)
         if pause_s:
             time.sleep(pause_s)
     open(os.path.join(handshake, "published"), "w").close()
     _wait_for(os.path.join(handshake, "release"))
     side.close()
+
+
+def _wait_until_seen(path: str, version: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as f:
+                if int(f.read() or -1) >= version:
+                    return
+        except (FileNotFoundError, ValueError):
+            pass
+        time.sleep(0.002)
 
 
 def _wait_for(path: str, timeout_s: float = 60.0) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import tempfile
 import uuid
 
@@ -57,5 +56,3 @@ def titan_visible(step_dir: str) -> bool:
         os.path.join(step_dir, "model.safetensors.index.json")
     )
 
-
-STEP_DIR = re.compile(r"^step-(\d+)$")
