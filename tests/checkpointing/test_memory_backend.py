@@ -417,3 +417,31 @@ def test_shm_explicit_reclaim_frees_a_dead_publishers_segments(tmp_path, unique_
         assert channel_files(unique_channel) == []
         assert reader.load() is False
     writer.close()
+
+
+def test_a_publish_that_fails_midway_leaves_the_other_versions_and_the_next_publish_works(case, tmp_path, unique_channel, monkeypatch):
+    from checkpointing.backends.memory import backend as memory_backend
+
+    model = build_titan_model(seed=0)
+    receiver = build_titan_model(seed=1)
+    cfg = _memory(case, unique_channel, keep_versions=2)
+    with _ckpt(model, cfg, tmp_path) as writer, _ckpt(receiver, cfg, tmp_path) as reader:
+        v1 = _bump(model, 1.0)
+        writer.save(1)
+        real_fill = memory_backend.fill_snapshot
+
+        def half_then_fail(layout, state, data, bucket_bytes):
+            layout.entries[0].view(data).fill_(float("nan"))
+            raise RuntimeError("device lost mid-publish")
+
+        monkeypatch.setattr(memory_backend, "fill_snapshot", half_then_fail)
+        _bump(model, 1.0)
+        with pytest.raises(RuntimeError, match="mid-publish"):
+            writer.save(2)
+        assert writer.backend.steps() == [1]  # the failed version is not listed
+        assert reader.load() and reader.loaded_step == 1
+        assert_state_equal(v1, receiver.state_dict())
+        monkeypatch.setattr(memory_backend, "fill_snapshot", real_fill)
+        writer.save(3)
+        assert reader.load() and reader.loaded_step == 3
+        assert_state_equal(model.state_dict(), receiver.state_dict())

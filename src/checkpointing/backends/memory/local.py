@@ -25,6 +25,7 @@ from .transport import (
     ReadSource,
     SlotInfo,
     complete_steps,
+    odd_after,
     slot_for_write,
     slot_holding,
 )
@@ -145,22 +146,19 @@ class LocalTransport:
                 f"local channel {self.channel!r}: a reader held slot {slot.index} for more than {self.write_timeout}s"
             )
         try:
-            slot.seq += 1
+            slot.seq = odd_after(slot.seq)
             slot.step = -1
-            if slot.data is None or slot.data.numel() != layout.nbytes:
-                slot.data = None
-                slot.data = torch.empty(layout.nbytes, dtype=torch.uint8)
-            target = PublishTarget(slot.data)
-            done = False
             try:
+                if slot.data is None or slot.data.numel() != layout.nbytes:
+                    slot.data = None
+                    slot.data = torch.empty(layout.nbytes, dtype=torch.uint8)
+                target = PublishTarget(slot.data)
                 yield target
-                done = True
+                channel.published += 1
+                slot.layout, slot.checksums, slot.order = layout, target.checksums, channel.published
+                slot.step = step
             finally:
-                if done:
-                    channel.published += 1
-                    slot.layout, slot.checksums, slot.order = layout, target.checksums, channel.published
-                    slot.step = step
-                slot.seq += 1
+                slot.seq += 1  # even: complete, or empty after a failed fill
         finally:
             slot.lock.release_exclusive()
 
@@ -173,7 +171,7 @@ class LocalTransport:
         slot = self._owned.slots[held.index]
         if slot.lock.exclusive(self.write_timeout):
             try:
-                slot.seq += 1
+                slot.seq = odd_after(slot.seq)
                 slot.step = -1
                 slot.seq += 1
             finally:

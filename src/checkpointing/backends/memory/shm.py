@@ -37,6 +37,7 @@ from .transport import (
     ReadSource,
     SlotInfo,
     complete_steps,
+    odd_after,
     slot_for_write,
     slot_holding,
 )
@@ -172,30 +173,28 @@ class ShmTransport:
         if not lock_within(seg.fd, exclusive=True, timeout=self.write_timeout):
             raise CheckpointError(f"shm channel {self.channel!r}: a reader held {seg.path} for more than {self.write_timeout}s")
         try:
-            seq = seg.seq() + 1  # odd: in flux
-            seg.set_seq(seq)
-            data_at = align(MANIFEST_AT + layout.manifest_budget(with_checksums), PAGE)
-            end = data_at + layout.nbytes
-            size = os.fstat(seg.fd).st_size
-            if size < end:
-                reserve(seg.fd, seg.path, size, end)
-            seg.remap(end)
-            _SLOT.pack_into(seg.map.buffer, 0, SLOT_MAGIC, seq, -1, 0, 0, 0, 0, 0)
-            target = PublishTarget(seg.map.base[data_at:end])
-            done = False
+            seq = odd_after(seg.seq())
+            _SLOT.pack_into(seg.map.buffer, 0, SLOT_MAGIC, seq, -1, 0, 0, 0, 0, 0)  # in flux, no version
+            target: PublishTarget | None = None
             try:
+                data_at = align(MANIFEST_AT + layout.manifest_budget(with_checksums), PAGE)
+                end = data_at + layout.nbytes
+                size = os.fstat(seg.fd).st_size
+                if size < end:
+                    reserve(seg.fd, seg.path, size, end)
+                seg.remap(end)
+                target = PublishTarget(seg.map.base[data_at:end])
                 yield target
-                done = True
+                manifest = layout.to_manifest(step, target.checksums)
+                seg.map.buffer[MANIFEST_AT : MANIFEST_AT + len(manifest)] = manifest
+                order = max(i.order for i in infos) + 1
+                _SLOT.pack_into(
+                    seg.map.buffer, 0, SLOT_MAGIC, seq, step, order, len(manifest), manifest_crc(manifest), data_at, layout.nbytes
+                )
             finally:
-                if done:
-                    manifest = layout.to_manifest(step, target.checksums)
-                    seg.map.buffer[MANIFEST_AT : MANIFEST_AT + len(manifest)] = manifest
-                    order = max(i.order for i in infos) + 1
-                    _SLOT.pack_into(
-                        seg.map.buffer, 0, SLOT_MAGIC, seq, step, order, len(manifest), manifest_crc(manifest), data_at, layout.nbytes
-                    )
-                target.data = None  # type: ignore[assignment]
-                seg.set_seq(seq + 1)  # even: complete (or empty, after a failed fill)
+                if target is not None:
+                    target.data = None  # type: ignore[assignment]  # no view may outlive a remap
+                seg.set_seq(seq + 1)  # even: complete, or empty after a failed fill
         finally:
             unlock(seg.fd)
 
@@ -208,8 +207,7 @@ class ShmTransport:
         seg = self._own_segments[held.index]
         if lock_within(seg.fd, exclusive=True, timeout=self.write_timeout):
             try:
-                seq = seg.seq() + 1
-                seg.set_seq(seq)
+                seq = odd_after(seg.seq())
                 _SLOT.pack_into(seg.map.buffer, 0, SLOT_MAGIC, seq, -1, 0, 0, 0, 0, 0)
                 seg.set_seq(seq + 1)
             finally:

@@ -86,5 +86,11 @@ def slot_for_write(slots: list[SlotInfo], step: int) -> int:
     return min(slots, key=lambda s: s.order).index
 
 
+def odd_after(seq: int) -> int:
+    """The next "being written" value of a sequence counter (odd), whatever state a failed
+    earlier write left it in."""
+    return seq + 1 if seq % 2 == 0 else seq + 2
+
+
 def slot_holding(slots: list[SlotInfo], step: int) -> SlotInfo | None:
     return next((s for s in slots if s.complete and s.step == step), None)
