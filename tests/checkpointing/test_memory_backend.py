@@ -445,3 +445,75 @@ def test_a_publish_that_fails_midway_leaves_the_other_versions_and_the_next_publ
         writer.save(3)
         assert reader.load() and reader.loaded_step == 3
         assert_state_equal(model.state_dict(), receiver.state_dict())
+
+
+def test_shm_publishers_racing_for_one_channel_never_share_it(unique_channel):
+    """Publishers claiming, publishing and closing one channel in a loop, a cleaner reclaiming
+    it and a reader reading it, all at once (threads: flock locks separate open files just as it
+    separates processes). At every moment at most one publisher owns the channel, every read is
+    a whole version, and nothing is left over."""
+    from checkpointing.backends.memory import reclaim_stale_segments
+    from checkpointing.backends.memory.shm import ShmTransport
+
+    values = {"w": torch.zeros(4096)}
+    layout = Layout.for_state(values)
+    owners, errors, reads = [0], [], [0]
+    stop = threading.Event()
+
+    def publisher(tag: int) -> None:
+        try:
+            while not stop.is_set():
+                transport = ShmTransport(unique_channel, keep_versions=2)
+                try:
+                    for step in range(3):
+                        with transport.writing(step, layout, False) as target:
+                            owners[0] += 1
+                            assert owners[0] == 1, "two publishers own the channel"
+                            layout.entries[0].view(target.data).fill_(tag * 100 + step)
+                            owners[0] -= 1
+                        owners[0] += 1  # still the owner between publishes
+                        owners[0] -= 1
+                except ChannelBusyError:
+                    pass
+                finally:
+                    transport.close()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    def cleaner() -> None:
+        try:
+            while not stop.is_set():
+                reclaim_stale_segments(unique_channel)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    def reader() -> None:
+        transport = ShmTransport(unique_channel, keep_versions=2)
+        try:
+            while not stop.is_set():
+                try:
+                    steps = transport.versions()
+                    if not steps:
+                        continue
+                    with transport.reading(steps[-1]) as source:
+                        got = source.layout.entries[0].view(source.data).clone()
+                    assert torch.all(got == got[0]) and int(got[0]) % 100 == steps[-1], "torn or mislabelled"
+                    reads[0] += 1
+                except (StepNotFoundError, ChannelNotFoundError):
+                    pass
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        finally:
+            transport.close()
+
+    threads = [threading.Thread(target=publisher, args=(t,)) for t in (1, 2)]
+    threads += [threading.Thread(target=cleaner), threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    stop.wait(2.0)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert reads[0] > 0
+    assert channel_files(unique_channel) == []

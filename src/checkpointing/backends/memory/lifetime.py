@@ -115,15 +115,29 @@ class Ownership:
         os.close(self.fd)  # drops the lock last
 
 
+class _SweptWhileCreating(CheckpointError):
+    """A concurrent ``reclaim`` took our half-created channel for a dead creator's."""
+
+
 def claim(channel: str, n_slots: int, slot_bytes: int, empty_slot_header: bytes) -> Ownership:
     """Create the channel and own it, taking over from a dead publisher if there was one."""
+    for attempt in range(3):
+        try:
+            return _claim_once(channel, n_slots, slot_bytes, empty_slot_header)
+        except _SweptWhileCreating:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _claim_once(channel: str, n_slots: int, slot_bytes: int, empty_slot_header: bytes) -> Ownership:
     gen = secrets.token_hex(8)
     tmp = temp_control_path(channel, gen)
     fd = create_private(tmp, CONTROL_BYTES)
     slot_fds: list[int] = []
     try:
         if not lock_within(fd, exclusive=True, timeout=5.0) or not same_file(fd, tmp):
-            raise CheckpointError(f"creating shm channel {channel!r} raced with a cleanup; try again")
+            raise _SweptWhileCreating(f"creating shm channel {channel!r} raced with a cleanup three times")
         info = ChannelInfo(gen, n_slots, os.getpid(), time.time())
         os.pwrite(fd, encode_control(info), 0)
         for i in range(n_slots):
