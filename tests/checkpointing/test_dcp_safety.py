@@ -227,9 +227,20 @@ def _non_int_length(md):
     info.length = "12"
 
 
+def _missing_field(md):
+    del md.state_dict_metadata["tok_embeddings.weight"].__dict__["size"]  # a flipped bit in its name
+
+
+def _missing_path(md):
+    _, info = _tensor_entries(md)[0]
+    del info.__dict__["relative_path"]
+
+
 @pytest.mark.parametrize(
     "mutate, words",
     [
+        (_missing_field, "malformed"),
+        (_missing_path, "malformed"),
         (_huge_length, "the file has"),
         (_offset_past_end, "the file has"),
         (_negative_offset, "non-negative"),

@@ -102,13 +102,29 @@ def _dims(value: Any, what: str, source: str) -> tuple[int, ...]:
 
 
 def check_metadata(metadata: Any, source: str) -> None:
-    """Types, tensor geometry and storage entries of unpickled metadata, before DCP uses them."""
+    """Types, tensor geometry and storage entries of unpickled metadata, before DCP uses them.
+
+    Unpickling restores objects from whatever state the file holds, so a field can be missing
+    (one flipped bit in its name) or of any type: every such case is a CorruptCheckpointError
+    here, never an AttributeError later inside DCP."""
+    try:
+        _check_metadata(metadata, source)
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError, OverflowError) as e:
+        raise _corrupt(source, f"DCP metadata is malformed: {e!r}") from None
+
+
+def _check_metadata(metadata: Any, source: str) -> None:
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (
         BytesStorageMetadata,
         MetadataIndex,
+        StorageMeta,
         TensorStorageMetadata,
     )
+
+    storage_meta = getattr(metadata, "storage_meta", None)
+    if storage_meta is not None and not isinstance(storage_meta, StorageMeta):
+        raise _corrupt(source, f"storage_meta is a {type(storage_meta).__name__}, not StorageMeta")
 
     entries = metadata.state_dict_metadata
     if not isinstance(entries, dict):

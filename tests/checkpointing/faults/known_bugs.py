@@ -20,23 +20,7 @@ class KnownBug:
     reason: str = ""
 
 
-DCP_METADATA_STRUCTURE = (
-    "dcp bug (backends/safe_metadata.py): the restricted unpickler accepts DCP metadata objects "
-    "whose pickled state lacks fields (one flipped bit in an attribute name), so load raises "
-    "AttributeError ('TensorStorageMetadata' has no 'size', '_StorageInfo' has no "
-    "'relative_path', ...) instead of CorruptCheckpointError; reachable with verify='off' and, in "
-    "the default mode, for any step without manifest.json (TorchTitan-written steps)"
-)
-
-KNOWN: list[KnownBug] = [
-    KnownBug("test_bit_flips_in_metadata_are_typed_errors_when_unverified", {"case": "dcp"}, DCP_METADATA_STRUCTURE),
-    KnownBug("test_bit_flips_in_metadata_are_typed_errors_when_unverified", {"case": "hf"}, DCP_METADATA_STRUCTURE),
-    # the hf sidecar's .metadata is DCP metadata too: a bit flip at its middle byte hits the same bug
-    KnownBug(
-        "test_parsers_raise_only_typed_errors_with_verify_off", {"case": "hf", "damage": "flip_one_bit_middle"},
-        DCP_METADATA_STRUCTURE,
-    ),
-]
+KNOWN: list[KnownBug] = []
 
 
 def mark_known_bugs(request: pytest.FixtureRequest) -> None:
