@@ -7,14 +7,20 @@ complete version into the reader's own tensors, in place. What the backend promi
   state exist to resume training, and a snapshot that dies with its publisher cannot resume
   anything. The manager refuses a Checkpointer that holds them, naming them.
 * **Nothing published is not an error**: ``load()`` returns False on a channel no publisher has
-  created yet (a generator may start before its trainer), like an empty checkpoint folder.
-  Naming a version (``load(step=N)``) on such a channel, or reading it directly, is a
-  :class:`~.errors.ChannelNotFoundError` that lists the channels that do exist.
+  created yet (a generator may start before its trainer), like an empty checkpoint folder, and
+  ``load(step=N)`` there is the manager's StepNotFoundError. Reading a version from a channel
+  that does not exist is a :class:`~.errors.ChannelNotFoundError` naming the channel and the
+  channels that do exist (also when the publisher closes between listing and reading).
 * **A dead publisher is an error**, not stale weights served forever: :class:`~.errors.PublisherGoneError`
   until a new publisher takes the channel over or ``cleanup_partials()`` frees it.
 * **No torn versions**: see :mod:`.transport`. Data checksums are off the hot path (they cost
   about half a memcpy per side); ``verify_data`` turns them on, and then a reader checks every
   tensor *before* copying, so a damaged snapshot never reaches the receiver.
+* **Memory**: ``keep_versions`` snapshots in the snapshot dtype, nothing else (an ``shm``
+  reader maps them, it does not copy them). With 1, a reader finds no complete version while
+  one is written (``load()`` returns False then); with 2 (the default) it always finds one.
+  Readers follow the publisher's ``keep_versions``. ``async_mode`` adds the manager's staging
+  copy and gains nothing here: leave it disabled.
 * **Sharded publishers**: DTensors are gathered bucket by bucket (:mod:`.snapshot`); with ``shm``
   only rank 0 of the group writes the snapshot (one per host), with ``local`` every rank keeps
   its own for its colocated reader. Sharded receivers copy just their shard's slice.
