@@ -12,7 +12,9 @@ For one synthetic fp32 state dict (default ~1 GB in many tensors) this measures:
 Reads are measured twice: *cold*, right after ``posix_fadvise(DONTNEED)`` evicted the files from
 the page cache (the raw cold/warm speeds printed show whether eviction worked), and *warm*,
 immediately again with the bytes in the page cache. Peak RSS is sampled every 5 ms during each
-operation. Every load is checked bit-exact against the source after it is timed.
+operation. Every load is checked bit-exact against the source after it is timed. The whole
+sequence runs ``--repeat`` times (default 3) and each row reports its fastest pass, so a burst of
+load from other processes on a shared machine does not decide a ratio.
 
     python benchmarks/checkpoint_io.py                 # ~1 GB
     python benchmarks/checkpoint_io.py --size-gb 0.1   # quick
@@ -21,7 +23,6 @@ operation. Every load is checked bit-exact against the source after it is timed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import importlib.util
@@ -229,8 +230,23 @@ def checkpointer(module: nn.Module, base: str, backend: str, verify: str = "chec
 
 # ------------------------------------------------------------------ the run
 def run(args) -> list[Result]:
+    """``args.repeat`` passes over every operation; each row keeps its fastest pass (the one
+    least disturbed by whatever else the machine was doing) and its largest memory peak."""
     state = make_state(args.size_gb, args.tensors)
     receiver = {k: torch.zeros_like(v) for k, v in state.items()}
+    passes = []
+    for i in range(args.repeat):
+        print(f"pass {i + 1}/{args.repeat} (load average {os.getloadavg()[0]:.1f})", flush=True)
+        passes.append(one_pass(args, state, receiver))
+    best = []
+    for rows in zip(*passes):
+        fastest = min(rows, key=lambda r: r.seconds)
+        best.append(dataclasses.replace(fastest, peak_rss=max(r.peak_rss for r in rows),
+                                        rss_before=min(r.rss_before for r in rows)))
+    return best
+
+
+def one_pass(args, state: dict[str, torch.Tensor], receiver: dict[str, torch.Tensor]) -> list[Result]:
     size = nbytes(state)
     source_module, receiver_module = StateModule(state), StateModule(receiver)
     work = tempfile.mkdtemp(prefix="ckpt-io-bench-", dir=args.dir)
@@ -345,11 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tensors", type=int, default=256, help="number of tensors (default 256)")
     parser.add_argument("--dir", default=None, help="parent of the temp dir (default: the system temp dir)")
     parser.add_argument("--dcp-threads", type=int, default=1, help="[checkpoint.dcp] thread_count for the save")
+    parser.add_argument("--repeat", type=int, default=3, help="passes; each row reports its fastest (default 3)")
     parser.add_argument("--skip-hf", action="store_true", help="leave out the hf / safetensors rows")
     parser.add_argument("--png", default=os.path.join("docs", "benchmarks_checkpoint_io.png"), help="bar chart path")
     args = parser.parse_args(argv)
-    if args.size_gb <= 0 or args.tensors < 1 or args.dcp_threads < 1:
-        parser.error("--size-gb must be > 0, --tensors and --dcp-threads >= 1")
+    if args.size_gb <= 0 or min(args.tensors, args.dcp_threads, args.repeat) < 1:
+        parser.error("--size-gb must be > 0; --tensors, --dcp-threads and --repeat >= 1")
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     results = run(args)
     ok = print_table(results)
@@ -360,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{warm.gbps:.2f} GB/s warm ({'eviction worked' if cold.seconds > 1.5 * warm.seconds else 'eviction had little effect: cold reads may be from cache'})")
     print("peak RSS: the process's resident memory during the operation (source and receiver state "
           "included); +RSS: the part the operation added")
-    title = (f"checkpoint I/O, {args.size_gb:g} GB fp32 in {args.tensors} tensors, torch {torch.__version__}, "
-             f"{os.cpu_count()} CPUs")
+    title = (f"checkpoint I/O, {args.size_gb:g} GB fp32 in {args.tensors} tensors, best of {args.repeat}, "
+             f"torch {torch.__version__}, {os.cpu_count()} CPUs")
     write_png(results, args.png, title)
     print(f"\nchart: {args.png}\ntargets {'met' if ok else 'NOT all met'}")
     return 0
