@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from checkpointing import ConfigError
 
@@ -43,6 +44,8 @@ def load_config(path: str | None, overrides: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # DCP says this on every save/load of a single-process job; it is the intended mode here.
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     try:
         path, overrides = parse_args(argv)
         cfg = load_config(path, overrides)

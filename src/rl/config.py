@@ -23,17 +23,15 @@ DEVICES = ("auto", "cpu", "cuda")
 PROCESS_MODES = ("colocated", "separate")
 
 
-class _RetitledErrors:
-    """Report a bad value under the table it was written in (``weight_sync.backend``), not under
-    ``checkpoint.``, which is what the shared validator calls every CheckpointConfig."""
+class _ValidatedLater:
+    """CheckpointConfig validates in ``__post_init__``; raised inside TorchTitan's command-line
+    parser that becomes a usage box. We validate these tables after parsing instead
+    (:func:`validate_rl`), under the name the user wrote (``weight_sync.backend``)."""
 
     table = "checkpoint"
 
     def __post_init__(self) -> None:
-        try:
-            super().__post_init__()  # type: ignore[misc]
-        except ConfigError as e:
-            raise ConfigError(retitle(str(e), self.table)) from None
+        pass
 
 
 def retitle(message: str, table: str) -> str:
@@ -41,7 +39,7 @@ def retitle(message: str, table: str) -> str:
 
 
 @dataclass
-class WeightSyncConfig(_RetitledErrors, CheckpointConfig):
+class WeightSyncConfig(_ValidatedLater, CheckpointConfig):
     """``[weight_sync]``: the trainer publishes after every optimizer step, the generator pulls.
 
     Defaults differ from ``[checkpoint]`` (on, every step, its own folder, two versions kept) so
@@ -56,7 +54,7 @@ class WeightSyncConfig(_RetitledErrors, CheckpointConfig):
 
 
 @dataclass
-class ExportConfig(_RetitledErrors, CheckpointConfig):
+class ExportConfig(_ValidatedLater, CheckpointConfig):
     """``[export]``: one model-only save of the final policy (``last_step``), e.g. Hugging Face
     safetensors for transformers / vLLM."""
 
@@ -82,8 +80,8 @@ class RLConfig:
     """Distinct prompts per rollout batch."""
     group_size: int = 8
     """Completions sampled per prompt; GRPO normalizes rewards within each group."""
-    max_new_tokens: int = 6
-    """Completion budget (the answer plus the end-of-sequence token, with slack)."""
+    max_new_tokens: int = 4
+    """Completion budget; at least the answer's length (generation also stops at EOS)."""
     temperature: float = 1.0
     top_p: float = 1.0
     engine: str = "torch"
@@ -96,6 +94,8 @@ class RLConfig:
     """PPO clip range of the ratio new / behavior policy."""
     kl_coef: float = 0.0
     """Weight of a KL penalty to the initial policy (0: no reference model is kept)."""
+    entropy_coef: float = 0.0
+    """Weight of an entropy bonus (keeps a tiny policy exploring; 0: plain GRPO)."""
     normalize_std: bool = True
     """Divide group-centred rewards by the group's std (GRPO); false keeps only the centring."""
     process_mode: str = "colocated"
@@ -130,6 +130,8 @@ def validate_rl(cfg) -> None:
     from .tasks import available_tasks, get_task
 
     rl = cfg.rl
+    for table in ("weight_sync", "export"):
+        validate_table(table, getattr(cfg, table))
     if rl.task not in available_tasks():
         raise ConfigError(f"rl.task = {rl.task!r} is not a known task; allowed: {', '.join(available_tasks())}")
     if rl.engine not in available_engines():
@@ -146,8 +148,11 @@ def validate_rl(cfg) -> None:
         raise ConfigError(f"rl.temperature = {rl.temperature}; it must be > 0")
     if not 0 < rl.top_p <= 1:
         raise ConfigError(f"rl.top_p = {rl.top_p}; allowed: 0 < top_p <= 1")
-    if rl.clip_eps <= 0 or rl.kl_coef < 0:
-        raise ConfigError(f"rl.clip_eps = {rl.clip_eps}, rl.kl_coef = {rl.kl_coef}; need clip_eps > 0, kl_coef >= 0")
+    if rl.clip_eps <= 0 or rl.kl_coef < 0 or rl.entropy_coef < 0:
+        raise ConfigError(
+            f"rl.clip_eps = {rl.clip_eps}, rl.kl_coef = {rl.kl_coef}, rl.entropy_coef = {rl.entropy_coef}; "
+            "need clip_eps > 0, kl_coef >= 0, entropy_coef >= 0"
+        )
     if cfg.training.steps < 1:
         raise ConfigError(f"training.steps = {cfg.training.steps}; it must be >= 1")
     if not cfg.weight_sync.enable:
@@ -165,12 +170,19 @@ def validate_rl(cfg) -> None:
     need = task.prompt_length + rl.max_new_tokens
     if args.max_seq_len < need:
         raise ConfigError(f"model max_seq_len {args.max_seq_len} < prompt + rl.max_new_tokens = {need}")
-    if rl.max_new_tokens < task.answer_length + 1:
+    if rl.max_new_tokens < task.answer_length:
         raise ConfigError(
-            f"rl.max_new_tokens = {rl.max_new_tokens}; task {rl.task!r} answers need {task.answer_length} tokens "
-            "plus the end-of-sequence token"
+            f"rl.max_new_tokens = {rl.max_new_tokens}; task {rl.task!r} answers need {task.answer_length} tokens"
         )
     _check_folders(cfg)
+
+
+def validate_table(table: str, config: CheckpointConfig) -> None:
+    """The shared ``[checkpoint]`` checks (backend registered, ranges, ...) for another role."""
+    try:
+        CheckpointConfig.__post_init__(config)
+    except ConfigError as e:
+        raise ConfigError(retitle(str(e), table)) from None
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:

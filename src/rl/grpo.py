@@ -29,8 +29,14 @@ def grpo_loss(
     clip_eps: float,
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean over sequences of the mean over each sequence's completion tokens."""
+    """Mean over sequences of the mean over each sequence's completion tokens.
+
+    ``entropy`` (per token, full distribution) with ``entropy_coef`` > 0 adds PPO's entropy
+    bonus: on a tiny model a few confident updates can collapse the policy to one answer per
+    position before it has learned to read the prompt."""
     log_ratio = new_logprobs - old_logprobs
     ratio = log_ratio.exp()
     adv = advantages[:, None]
@@ -42,6 +48,8 @@ def grpo_loss(
         kl_tokens = ref_log_ratio.exp() - ref_log_ratio - 1  # k3 estimator of KL(new || ref), >= 0
         per_token = per_token + kl_coef * kl_tokens
         kl = _masked_mean(kl_tokens.detach(), mask)
+    if entropy is not None and entropy_coef > 0:
+        per_token = per_token - entropy_coef * entropy
     tokens = mask.sum(dim=1).clamp(min=1)
     loss = ((per_token * mask).sum(dim=1) / tokens).mean()
     with torch.no_grad():
@@ -51,6 +59,7 @@ def grpo_loss(
             "kl": float(kl),
             # Mean surprise of the sampled tokens: an entropy estimate; near 0 means collapse.
             "sampled_nll": -_masked_mean(old_logprobs, mask).item(),
+            "entropy": _masked_mean(entropy.detach(), mask).item() if entropy is not None else float("nan"),
             # Before the update the trainer and the behavior policy should agree: a large value
             # means the generator sampled with other weights than the trainer's.
             "logprob_gap": (log_ratio.abs() * mask).max().item(),

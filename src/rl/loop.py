@@ -67,8 +67,8 @@ def encode_prompts(problems: list[Problem], tokenizer: Any, group_size: int) -> 
 def score(problems: list[Problem], completions: torch.Tensor, task: Any, tokenizer: Any, group_size: int) -> torch.Tensor:
     rewards = []
     for i, row in enumerate(completions.tolist()):
-        text, ended = tokenizer.decode_until_eos(row)
-        rewards.append(task.reward(problems[i // group_size], text, ended))
+        text, _ = tokenizer.decode_until_eos(row)
+        rewards.append(task.reward(problems[i // group_size], text))
     return torch.tensor(rewards, dtype=torch.float32)
 
 

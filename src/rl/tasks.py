@@ -1,10 +1,12 @@
 """Toy tasks with exact rewards, chosen by ``[rl] task`` in the TOML.
 
-Every task maps a string of random digits to an answer string. Prompts have a fixed token length
-(``<bos>`` + digits + ``>``), so a batch needs no padding and the TorchTitan model's plain causal
-attention is exact. The reward gives partial credit per correct position, plus one share for
-stopping (EOS) right after an answer of the right length, so a random policy already earns a
-little and GRPO has a gradient from step one.
+Every task maps a string of random digits to an answer string of a known length. Prompts have a
+fixed token length (``<bos>`` + digits + ``>``), so a batch needs no padding and the TorchTitan
+model's plain causal attention is exact. The reward is the share of answer positions right among
+the first tokens of the completion (an early EOS forfeits the positions after it; tokens past
+the answer are ignored), so a random policy already earns a little and GRPO has a gradient from
+step one. There is no reward for stopping: in our runs a tiny policy that learned the answer
+would still drift away from emitting EOS, and a group with no spread left teaches nothing.
 """
 
 from __future__ import annotations
@@ -46,12 +48,10 @@ class Task:
         digits = "".join(rng.choice(self.alphabet) for _ in range(self.length))
         return Problem(prompt=digits + ">", answer=self.transform(digits))
 
-    def reward(self, problem: Problem, completion: str, ended: bool) -> float:
-        """(correct positions + clean stop) / (answer length + 1): 1.0 only for the exact answer."""
+    def reward(self, problem: Problem, completion: str) -> float:
+        """Correct positions / answer length: 1.0 exactly when the answer is right."""
         answer = problem.answer
-        correct = sum(a == c for a, c in zip(answer, completion))
-        clean_stop = ended and len(completion) == len(answer)
-        return (correct + clean_stop) / (len(answer) + 1)
+        return sum(a == c for a, c in zip(answer, completion)) / len(answer)
 
 
 _TRANSFORMS: dict[str, Callable[[int], Callable[[str], str]]] = {

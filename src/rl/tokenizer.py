@@ -39,6 +39,7 @@ class CharTokenizer(BaseTokenizer):
         self.pad_id = self._id(PAD)
         self.bos_id = self._id(BOS)
         self.eos_id = self._id(EOS)
+        self.unk_id = self._id(UNK)
 
     def _id(self, token: str) -> int:
         idx = self._tok.token_to_id(token)

@@ -103,13 +103,15 @@ class PolicyTrainer:
         sequences = rollout.sequences().to(self.device)
         prompt_length = rollout.prompts.shape[1]
         mask = rollout.mask.to(self.device)
-        new = masked(token_logprobs(self.model, sequences, prompt_length, rl.temperature, self.banned), mask)
+        new, entropy = token_logprobs(self.model, sequences, prompt_length, rl.temperature, self.banned, with_entropy=True)
+        new = masked(new, mask)
         ref = None
         if self.reference is not None:
             with torch.no_grad():
                 ref = masked(token_logprobs(self.reference, sequences, prompt_length, rl.temperature, self.banned), mask)
         loss, stats = grpo_loss(
-            new, rollout.logprobs.to(self.device), advantages.to(self.device), mask, rl.clip_eps, ref, rl.kl_coef
+            new, rollout.logprobs.to(self.device), advantages.to(self.device), mask, rl.clip_eps, ref, rl.kl_coef,
+            entropy, rl.entropy_coef,
         )
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.training.max_norm)
