@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -219,9 +220,15 @@ class StepDirectory:
         self._barrier()
 
     def _commit(self, staging: str, step: int) -> None:
-        for rel in _files_under(staging):
-            fsync_path(os.path.join(staging, rel))
-        manifest = Manifest.build(staging, step, self.backend, known=self._known_checksums.pop(staging, None))
+        # Flushing to disk waits on the device, checksumming on the CPU: do both at once. The
+        # manifest is written only after every file is durable, so a crash still leaves no step.
+        paths = [os.path.join(staging, rel) for rel in _files_under(staging)]
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit-fsync") as pool:
+            synced = pool.submit(lambda: [fsync_path(p) for p in paths])
+            try:
+                manifest = Manifest.build(staging, step, self.backend, known=self._known_checksums.pop(staging, None))
+            finally:
+                synced.result()  # an fsync error (EIO) wins over a checksum one: it is the cause
         tmp = os.path.join(staging, MANIFEST + ".tmp")
         with open(tmp, "w") as f:
             f.write(manifest.to_json())

@@ -101,3 +101,30 @@ def test_part_of_a_stored_tensor_is_read_at_its_offset(tmp_path):
     dcp.load({"w": torch.zeros(8, 8)}, storage_reader=reader, planner=planner)
     assert reader.direct_reads == 1
     assert torch.equal(planner.target, source[4:])
+
+
+def test_saves_skip_torch_zip_crcs_and_restore_the_setting(tmp_path):
+    """The manifest's CRC32 replaces torch.save's per-record zip CRC32 during our saves; the
+    process-wide torch setting is back to what it was afterwards, and TorchTitan-style plain
+    DCP/torch.load reading of the step still works."""
+    from torch.serialization import get_crc32_options
+
+    from checkpointing.backends.dcp import zip_record_crc32_off
+
+    assert get_crc32_options() is True
+    with zip_record_crc32_off():
+        assert get_crc32_options() is False
+        with zip_record_crc32_off():  # nested / concurrent saves
+            assert get_crc32_options() is False
+        assert get_crc32_options() is False
+    assert get_crc32_options() is True
+
+    model = build_titan_model(seed=0)
+    cfg = CheckpointConfig(enable=True, folder="checkpoint", interval=1, keep_latest_k=0)
+    with Checkpointer(model_parts=[model], checkpoint_config=cfg, base_folder=str(tmp_path)) as c:
+        c.save(1)
+    assert get_crc32_options() is True
+    receiver = build_titan_model(seed=1)
+    state = receiver.state_dict()
+    dcp.load(state, checkpoint_id=str(tmp_path / "checkpoint" / "step-1"))  # torch's own reader
+    assert_state_equal(model.state_dict(), receiver.state_dict())
