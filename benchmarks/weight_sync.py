@@ -20,6 +20,7 @@ both halves of a pair alike. The speed-up over the file round trip is likewise a
 ratios, never seconds from two different workers.
 
     python benchmarks/weight_sync.py                      # ~1 GB, all methods, PNG to docs/
+    python benchmarks/weight_sync.py --threads 0          # torch's default intra-op threads
     python benchmarks/weight_sync.py --size-gb 0.25 --methods memcpy memory/local
 """
 
@@ -482,7 +483,12 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--keep-versions", type=int, default=1, help="[checkpoint.memory] keep_versions (default 1: one snapshot)")
     p.add_argument("--bucket-mb", type=int, default=256, help="[checkpoint.memory] bucket_size_mb")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads for every copy, memcpy included (default 1: on a small machine shared with other "
+        "jobs a 2-thread copy stalls whenever one of its threads is descheduled, and one thread already streams "
+        "~17 GB/s here; 0: torch's default)",
+    )
     p.add_argument("--png", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "benchmarks_weight_sync.png"))
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)

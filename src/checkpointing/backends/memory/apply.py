@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import torch
 
 from ...errors import StateMismatchError
-from .layout import Layout, TensorEntry, storage_key
+from .layout import Layout, SnapshotViews, TensorEntry, storage_key
 
 MAX_LISTED = 20
 
@@ -78,8 +78,9 @@ def _same_values(entries: list[TensorEntry], data: torch.Tensor) -> bool:
 
 def apply_plan(plan: list[Copy], data: torch.Tensor) -> None:
     """Run the copies; casting to the receiver's dtype happens inside ``copy_``."""
+    views = SnapshotViews(data)
     for copy in plan:
-        _copy_into(copy.target, copy.entry.view(data))
+        _copy_into(copy.target, views(copy.entry))
 
 
 def _copy_into(target: torch.Tensor, source: torch.Tensor) -> None:

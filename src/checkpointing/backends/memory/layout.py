@@ -73,6 +73,27 @@ class TensorEntry:
         return raw.view(self.dtype).view(self.shape)
 
 
+class SnapshotViews:
+    """Every stored tensor as a view into one snapshot buffer. One typed base per dtype and one
+    ``as_strided`` per tensor: a handoff of a few hundred tensors spends its time copying, not
+    slicing."""
+
+    def __init__(self, data: torch.Tensor):
+        self.data = data
+        self._typed: dict[torch.dtype, torch.Tensor] = {}
+
+    def __call__(self, entry: TensorEntry) -> torch.Tensor:
+        size = entry.dtype.itemsize
+        typed = self._typed.get(entry.dtype)
+        if typed is None:
+            typed = self._typed[entry.dtype] = self.data[: self.data.numel() // size * size].view(entry.dtype)
+        strides, step = [], 1
+        for dim in reversed(entry.shape):
+            strides.append(step)
+            step *= dim
+        return typed.as_strided(entry.shape, strides[::-1], typed.storage_offset() + entry.offset // size)
+
+
 @dataclass(frozen=True)
 class Layout:
     """The snapshot's structure. Equal layouts let a publisher reuse a slot as it is."""
@@ -157,14 +178,15 @@ class Layout:
 
 def storage_key(t: torch.Tensor) -> tuple | None:
     """Identity of the memory a tensor views: equal keys mean the same tensor (tied weights)."""
-    local = t.to_local() if hasattr(t, "to_local") and hasattr(t, "placements") else t
-    if local.device.type == "meta":
+    if hasattr(t, "placements"):  # a DTensor: its local shard (without to_local's autograd op)
+        t = getattr(t, "_local_tensor", None) if hasattr(t, "_local_tensor") else t.to_local()
+    if t is None or t.device.type == "meta":
         return None
     try:
-        ptr = local.untyped_storage().data_ptr()
+        ptr = t.data_ptr()
     except RuntimeError:  # tensors without storage (e.g. some subclasses): never tied
         return None
-    return (local.device, ptr, local.storage_offset(), tuple(local.shape), tuple(local.stride()), local.dtype)
+    return (t.device, ptr, tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
 def manifest_crc(data: bytes) -> int:

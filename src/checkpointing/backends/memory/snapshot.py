@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from ...errors import CorruptCheckpointError
-from .layout import Layout, TensorEntry
+from .layout import Layout, SnapshotViews, TensorEntry
 
 
 def buckets(entries: tuple[TensorEntry, ...], bucket_bytes: int) -> Iterator[list[TensorEntry]]:
@@ -37,11 +37,12 @@ def buckets(entries: tuple[TensorEntry, ...], bucket_bytes: int) -> Iterator[lis
 def fill_snapshot(layout: Layout, model: Mapping[str, Any], data: torch.Tensor | None, bucket_bytes: int) -> None:
     """Write every stored tensor of ``model`` into ``data`` (None on a rank that only takes
     part in the gathers)."""
+    views = SnapshotViews(data) if data is not None else None
     for bucket in buckets(layout.entries, bucket_bytes):
         gathered = [(entry, _full(model[entry.name])) for entry in bucket]
-        if data is not None:
+        if views is not None:
             for entry, full in gathered:
-                entry.view(data).copy_(full)
+                views(entry).copy_(full)
         del gathered
 
 
