@@ -288,6 +288,7 @@ def worker(method: str, args) -> dict:
         "peak_rss": status["VmHWM"],
         "extra_bytes": status["VmHWM"] - base_rss,
         "threads": torch.get_num_threads(),
+        "loadavg": os.getloadavg()[0],
     }
     if handoff is not None:
         result["first_s"] = sum(first.values())
@@ -389,7 +390,7 @@ def report(results: list[dict], args) -> list[str]:
     lines.append(
         f"model: TorchTitan llama3, {results[0]['tensors']} tensors, {size / GB:.2f} GB fp32; torch threads "
         f"{results[0]['threads']}; repeats {args.repeats} (3 for dcp/hf/file); keep_versions {args.keep_versions}, "
-        f"bucket {args.bucket_mb} MB; load avg {os.getloadavg()[0]:.1f}"
+        f"bucket {args.bucket_mb} MB; load avg {_load_range(results)}"
     )
     head = (f"{'method':<20}{'seconds':>9}{'best':>8}{'GB/s':>7}{'x memcpy':>10}{'vs file':>9}{'publish':>9}{'load':>8}"
             f"{'peak RSS GB':>13}{'extra GB':>10}  check")
@@ -431,6 +432,11 @@ def report(results: list[dict], args) -> list[str]:
     return lines
 
 
+def _load_range(results: list[dict]) -> str:
+    loads = [r["loadavg"] for r in results if "loadavg" in r] or [os.getloadavg()[0]]
+    return f"{min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} CPUs"
+
+
 def plot(results: list[dict], path: str) -> None:
     import matplotlib
 
@@ -454,11 +460,11 @@ def plot(results: list[dict], path: str) -> None:
         for label in axis.get_xticklabels():
             label.set_horizontalalignment("right")
     for x, r in enumerate(ok):
-        b.annotate(f"{r['ratio']:.2f}x", (x, r["ratio"]), ha="center", va="bottom", fontsize=8)
+        b.annotate(f"{r['ratio']:.2f}x", (x, r["ratio"]), ha="center", va="top", fontsize=8, color="white", xytext=(0, -3), textcoords="offset points")
         target = TARGETS.get(r["method"])
         if target:  # the limit for this method, as a dash over its bar
             b.hlines(target[1], x - 0.4, x + 0.4, colors="black", linestyles="dashed", linewidth=1)
-            b.annotate(f"target {target[1]}x", (x, target[1]), ha="center", va="bottom", fontsize=7, xytext=(0, 9), textcoords="offset points")
+            b.annotate(f"target {target[1]}x", (x, target[1]), ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -491,6 +497,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--png", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "benchmarks_weight_sync.png"))
     p.add_argument("--json", help="also write the raw results here")
+    p.add_argument("--from-json", help="print the table and draw the chart of an earlier --json run, measuring nothing")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--shm-reader", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -504,14 +511,17 @@ def main(argv=None) -> int:
     if args.shm_reader:
         shm_reader(args.shm_reader, args)
         return 0
-    methods = ["memcpy"] + [m for m in args.methods if m != "memcpy"]
-    results = []
-    for method in methods:
-        print(f"running {method} ...", file=sys.stderr, flush=True)
-        results.append(run_worker(method, args))
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = json.load(f)["results"]
+    else:
+        results = []
+        for method in ["memcpy"] + [m for m in args.methods if m != "memcpy"]:
+            print(f"running {method} ...", file=sys.stderr, flush=True)
+            results.append(run_worker(method, args))
     lines = report(results, args)
     print("\n".join(lines))
-    if args.json:
+    if args.json and not args.from_json:
         with open(args.json, "w") as f:
             json.dump({"results": results, "table": lines}, f, indent=1)
     if any("seconds" in r for r in results):
