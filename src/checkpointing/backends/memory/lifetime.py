@@ -32,6 +32,7 @@ from .segments import (
     channel_prefix,
     control_path,
     create_private,
+    create_private_locked,
     lock_within,
     open_private,
     same_file,
@@ -133,13 +134,12 @@ def claim(channel: str, n_slots: int, slot_bytes: int, empty_slot_header: bytes)
 def _claim_once(channel: str, n_slots: int, slot_bytes: int, empty_slot_header: bytes) -> Ownership:
     gen = secrets.token_hex(8)
     tmp = temp_control_path(channel, gen)
-    fd = create_private(tmp, CONTROL_BYTES)
+    info = ChannelInfo(gen, n_slots, os.getpid(), time.time())
+    fd = create_private_locked(tmp, encode_control(info))
     slot_fds: list[int] = []
     try:
-        if not lock_within(fd, exclusive=True, timeout=5.0) or not same_file(fd, tmp):
+        if not same_file(fd, tmp):  # only without O_TMPFILE: a cleaner saw it before our lock
             raise _SweptWhileCreating(f"creating shm channel {channel!r} raced with a cleanup three times")
-        info = ChannelInfo(gen, n_slots, os.getpid(), time.time())
-        os.pwrite(fd, encode_control(info), 0)
         for i in range(n_slots):
             slot_fds.append(create_private(slot_path(channel, gen, i), slot_bytes))
             os.pwrite(slot_fds[-1], empty_slot_header, 0)

@@ -86,6 +86,35 @@ def create_private(path: str, size: int) -> int:
     return fd
 
 
+def create_private_locked(path: str, content: bytes) -> int:
+    """A new private segment holding ``content`` whose exclusive lock is taken *before* its name
+    appears (an unnamed ``O_TMPFILE`` linked into place), so no other process can ever see it
+    unlocked and take its creator for dead. Without ``O_TMPFILE``: create, then lock, and the
+    caller must check ``same_file`` afterwards."""
+    try:
+        fd = os.open(os.path.dirname(path), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except (AttributeError, OSError):
+        fd = create_private(path, 0)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.pwrite(fd, content, 0)
+        return fd
+    try:
+        os.fchmod(fd, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.pwrite(fd, content, 0)
+        # linkat(AT_SYMLINK_FOLLOW) on the /proc link names the open file itself; CPython only
+        # calls linkat (not link) when given a dir fd.
+        dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.link(f"/proc/self/fd/{fd}", os.path.basename(path), dst_dir_fd=dir_fd, follow_symlinks=True)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def reserve(fd: int, path: str, start: int, end: int) -> None:
     try:
         os.ftruncate(fd, end)
