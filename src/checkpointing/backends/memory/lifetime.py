@@ -8,8 +8,10 @@ process dies, however it dies. So:
 * liveness needs no pid (pids get reused): a lock nobody holds means a dead publisher;
 * a second publisher finds the lock held and is refused (ChannelBusyError), or finds it free,
   reclaims the dead generation's segments under that same lock, and takes over;
-* a channel is created aside (``….new-{gen}``, locked before it has content), then linked
-  into place, so a reader never sees a half-written control segment.
+* a channel is created aside: its control segment is born unnamed (``O_TMPFILE``), locked and
+  filled, then named ``….new-{gen}`` while its slots are made, then linked into place. A reader
+  never sees a half-written control segment, and a cleaner never sees a creator's segment
+  unlocked.
 
 Segments are removed slots first, control last, so every slot segment is always named by a
 control or a half-created temp; ``reclaim`` sweeps both kinds when their holder is gone.
