@@ -23,7 +23,7 @@ BAD = [
     (["--rl.group_size=1"], "rl.group_size = 1; GRPO needs >= 2"),
     (["--rl.tsk=reverse"], "unknown override --rl.tsk (did you mean 'task'?)"),
     (["--weight_sync.folder=checkpoint"], "weight_sync.folder = 'checkpoint' is also checkpoint.folder"),
-    (["--rl.max_new_tokens=3"], "rl.max_new_tokens = 3; task 'reverse' answers need 4 tokens"),
+    (["--rl.max_new_tokens=3"], "rl.max_new_tokens = 3; task 'copy' answers need 4 tokens"),
     (["--weight_sync.no-enable"], "weight_sync.enable = false"),
 ]
 
@@ -85,7 +85,7 @@ def test_overrides_reach_every_table(tmp_path):
     assert cfg.training.steps == 20 and cfg.checkpoint.interval == 7
     assert cfg.rl.generator_dtype == "bfloat16" and cfg.export.export_dtype == "float32"
     # Everything else comes from the TOML.
-    assert cfg.model.flavor == "rl_tiny" and cfg.checkpoint.backend == "dcp" and cfg.rl.task == "reverse"
+    assert cfg.model.flavor == "rl_tiny" and cfg.checkpoint.backend == "dcp" and cfg.rl.task == "copy"
 
 
 def test_weight_sync_defaults_apply_when_the_table_is_partial(tmp_path):

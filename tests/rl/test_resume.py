@@ -49,7 +49,7 @@ def final_state(dump: str, cmd_overrides: list[str]):
     from rl.trainer import PolicyTrainer
 
     cfg = load_config(DEFAULT_TOML, cmd_overrides)
-    trainer = PolicyTrainer(cfg, torch.device("cpu"), get_task("reverse", 4), load_tokenizer())
+    trainer = PolicyTrainer(cfg, torch.device("cpu"), get_task(cfg.rl.task, cfg.rl.task_length), load_tokenizer())
     try:
         assert trainer.checkpointer.load(STEPS)
         return {
