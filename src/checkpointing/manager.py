@@ -302,18 +302,17 @@ class Checkpointer:
         for attempt in range(3):
             target = steps[-1] if requested == -1 else requested
             if target not in steps:
-                raise StepNotFoundError(
-                    f"step {target} is not a committed checkpoint in {self.folder}; committed steps: {steps}"
-                )
+                where = getattr(self.backend, "location", self.folder)
+                raise StepNotFoundError(f"step {target} is not a committed checkpoint in {where}; committed steps: {steps}")
             state = self._state_to_load(model_only=target == 0)
             try:
                 self.backend.read(target, state)
             except StepNotFoundError:
                 # The newest step was retired between listing and reading (a fast publisher):
                 # list again and take the new newest. A named step is an error.
-                if requested != -1 or attempt == 2:
+                steps = self.backend.steps() if requested == -1 and attempt < 2 else []
+                if not steps:
                     raise
-                steps = self.backend.steps()
                 continue
             self._apply(state)
             self.loaded_step = target

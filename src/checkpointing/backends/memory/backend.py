@@ -85,7 +85,7 @@ class MemoryBackend:
         if not self._publishes():
             fill_snapshot(layout, model, None, self.bucket_bytes)  # take part in the gathers only
             return
-        with self.transport.writing(step, layout, self.verify_data) as target:
+        with self.transport.writing(step, layout, self.verify_data, device=_snapshot_device(model)) as target:
             fill_snapshot(layout, model, target.data, self.bucket_bytes)
             if self.verify_data:
                 target.checksums = checksums(layout, target.data)
@@ -122,6 +122,19 @@ class MemoryBackend:
         if not (dist.is_available() and dist.is_initialized()):
             return True
         return dist.get_rank(self.group) == 0
+
+
+def _snapshot_device(model: dict[str, Any]) -> torch.device:
+    """Where a same-process snapshot should live: on the publisher's accelerator when all its
+    tensors share one, so a colocated GPU handoff is two device copies instead of a round trip
+    through host memory (measured on an H200: 0.19 s per GB through the host, against 0.7 ms
+    for a device copy of the same bytes)."""
+    devices = {getattr(t, "to_local", lambda: t)().device for t in model.values() if isinstance(t, torch.Tensor)}
+    if len(devices) == 1:
+        (device,) = devices
+        if device.type not in ("cpu", "meta"):
+            return device
+    return torch.device("cpu")
 
 
 def _model_tensors(state: StepState, what: str) -> dict[str, Any]:

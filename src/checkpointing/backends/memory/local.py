@@ -138,7 +138,9 @@ class LocalTransport:
         return owned
 
     @contextmanager
-    def writing(self, step: int, layout: Layout, with_checksums: bool) -> Iterator[PublishTarget]:
+    def writing(
+        self, step: int, layout: Layout, with_checksums: bool, device: torch.device | None = None
+    ) -> Iterator[PublishTarget]:
         channel = self._claim()
         slot = channel.slots[slot_for_write(channel.infos(), step)]
         if not slot.lock.exclusive(self.write_timeout):
@@ -149,9 +151,10 @@ class LocalTransport:
             slot.seq = odd_after(slot.seq)
             slot.step = -1
             try:
-                if slot.data is None or slot.data.numel() != layout.nbytes:
+                device = device or torch.device("cpu")
+                if slot.data is None or slot.data.numel() != layout.nbytes or slot.data.device != device:
                     slot.data = None
-                    slot.data = torch.empty(layout.nbytes, dtype=torch.uint8)
+                    slot.data = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
                 target = PublishTarget(slot.data)
                 yield target
                 channel.published += 1

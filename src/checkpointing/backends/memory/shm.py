@@ -166,7 +166,7 @@ class ShmTransport:
         return self._own_segments
 
     @contextmanager
-    def writing(self, step: int, layout: Layout, with_checksums: bool) -> Iterator[PublishTarget]:
+    def writing(self, step: int, layout: Layout, with_checksums: bool, device=None) -> Iterator[PublishTarget]:
         segments = self._claim()
         infos = _infos(list(segments))
         seg = segments[slot_for_write(infos, step)]

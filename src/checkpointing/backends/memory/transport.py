@@ -60,7 +60,11 @@ class Transport(Protocol):
 
     def versions(self) -> list[int]: ...
 
-    def writing(self, step: int, layout: Layout, with_checksums: bool) -> AbstractContextManager[PublishTarget]: ...
+    def writing(
+        self, step: int, layout: Layout, with_checksums: bool, device: torch.device | None = None
+    ) -> AbstractContextManager[PublishTarget]:
+        """``device``: where the publisher's tensors live; a transport that can, keeps the
+        snapshot there (``local`` does; ``shm`` segments are host memory by nature)."""
 
     def reading(self, step: int) -> AbstractContextManager[ReadSource]: ...
 
