@@ -12,7 +12,6 @@ No ``from __future__ import annotations`` here: ConfigManager merges nested tabl
 real dataclass types, not strings.
 """
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from checkpointing import CheckpointConfig, ConfigError
@@ -202,8 +201,3 @@ def _check_folders(cfg) -> None:
                 f"{name}.folder = {c.folder!r} is also {seen[c.folder]}.folder; each Checkpointer role needs its own folder"
             )
         seen[c.folder] = name
-
-
-def replace_table(cfg, table: str, **changes):
-    """A copy of ``cfg`` with ``cfg.<table>`` changed (tests and the separate-process worker)."""
-    return dataclasses.replace(cfg, **{table: dataclasses.replace(getattr(cfg, table), **changes)})

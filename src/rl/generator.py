@@ -8,6 +8,7 @@ rollout with old weights.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -33,7 +34,8 @@ class Generator:
         self.engine = engine_class(cfg.rl.engine).build(model, device=device, tokenizer=tokenizer, banned=banned, cfg=cfg)
         self.checkpointer = open_checkpointer(
             "weight_sync",
-            cfg.weight_sync,
+            # A reader: never saves, and never "cleans up" the publisher's in-flight files.
+            dataclasses.replace(cfg.weight_sync, load_only=True),
             cfg.job.dump_folder,
             model_parts=[self.engine.model],
             sd_adapter=state_dict_adapter(name, flavor, hf_assets_path(cfg)),
