@@ -205,11 +205,11 @@ def _hf_mid_data(trap: Trap) -> None:
 
 
 def _memory_mid_data(trap: Trap) -> None:
-    """A publish copies tensor after tensor into the slot through ``TensorEntry.view``: die
-    when the third tensor's place is taken (two copied, the rest stale)."""
+    """A publish copies tensor after tensor into the slot through ``SnapshotViews``: die when
+    the third tensor's place is taken (two copied, the rest stale)."""
     from checkpointing.backends.memory import layout
 
-    layout.TensorEntry.view = trap.after_calls(3)(layout.TensorEntry.view)
+    layout.SnapshotViews.__call__ = trap.after_calls(3)(layout.SnapshotViews.__call__)
 
 
 def _memory_before_commit(trap: Trap) -> None:
