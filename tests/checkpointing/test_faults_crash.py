@@ -44,8 +44,24 @@ def base():
     return base_weights()
 
 
+_CHANNELS: list[str] = []
+
+
 def _channel() -> str:
-    return f"f{uuid.uuid4().hex[:12]}"
+    name = f"f{uuid.uuid4().hex[:12]}"
+    _CHANNELS.append(name)
+    return name
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _reclaim_dead_publishers():
+    """A crash test that fails half-way must not leave its killed publisher's segments in
+    /dev/shm for the next run: free every channel this module made whose owner is dead."""
+    yield
+    from checkpointing.backends.memory.lifetime import reclaim
+
+    for name in _CHANNELS:
+        reclaim(name)
 
 
 def _step_names(steps: list[int]) -> set[str]:
