@@ -165,6 +165,7 @@ def loop(cfg, trainer, generator, metrics, task, tokenizer, params, start, on_st
         from tqdm import tqdm
 
         bar = tqdm(total=steps, initial=start, desc="rl-train", unit="step", dynamic_ncols=True)
+    checkpoint_seconds = 0.0  # the training-checkpoint save that closed the previous step
     try:
         for step in range(start + 1, steps + 1):
             t0 = time.monotonic()
@@ -176,8 +177,6 @@ def loop(cfg, trainer, generator, metrics, task, tokenizer, params, start, on_st
             advantages = group_advantages(rewards, rl.group_size, rl.normalize_std)
             stats = trainer.train_step(rollout, advantages)
             t2 = time.monotonic()
-            trainer.checkpointer.save(step, last_step=step == steps)
-            t3 = time.monotonic()
             publish_seconds = trainer.publish(step)
             t4 = time.monotonic()
             record = {
@@ -193,10 +192,16 @@ def loop(cfg, trainer, generator, metrics, task, tokenizer, params, start, on_st
                 "publish_seconds": publish_seconds,
                 "rollout_seconds": t1 - t0 - sync_seconds,
                 "train_seconds": t2 - t1,
-                "checkpoint_seconds": t3 - t2,
-                "step_seconds": t4 - t0,
+                "checkpoint_seconds": checkpoint_seconds,
+                "step_seconds": t4 - t0 + checkpoint_seconds,
             }
+            # The record goes out before this step's training checkpoint is committed: a run
+            # killed in between redoes the step and rewrites its record (MetricsLog drops records
+            # past the resumed step), so no step is ever missing from the history.
             metrics.write(record)
+            t5 = time.monotonic()
+            trainer.checkpointer.save(step, last_step=step == steps)
+            checkpoint_seconds = time.monotonic() - t5
             if on_step is not None:
                 on_step(record, trainer, generator)
             if bar is not None:
