@@ -139,13 +139,15 @@ def timed(op: str, cache: str, size: int, fn: Callable[[], None]) -> Result:
 
 
 def fsync_tree(path: str) -> None:
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    """fsync a file, or every file under a directory (os.walk yields nothing for a file, which
+    once left the torch.save and safetensors baselines unsynced and flatteringly fast)."""
+    paths = [path] if os.path.isfile(path) else [os.path.join(d, n) for d, _, files in os.walk(path) for n in files]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def evict(path: str) -> None:
