@@ -309,3 +309,23 @@ def _listdir(folder: str) -> list[str]:
         return []
 
 
+
+
+class StoredSteps:
+    """The part of the Backend protocol every on-disk backend shares: listing, deleting and
+    cleaning the ``step-N`` directories of its :class:`StepDirectory` (``self.store``). A new
+    file backend inherits it and writes only ``write`` and ``read``."""
+
+    store: StepDirectory
+
+    def steps(self) -> list[int]:
+        return self.store.steps()
+
+    def delete(self, step: int) -> None:
+        self.store.delete(step)
+
+    def cleanup_partials(self) -> list[str]:
+        return self.store.cleanup_partials()
+
+    def close(self) -> None:
+        pass

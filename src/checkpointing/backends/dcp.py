@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ..backend import BackendContext, Capabilities, StepState
-from ..commit import StepDirectory
+from ..commit import StepDirectory, StoredSteps
 from ..errors import CheckpointError, ConfigError, CorruptCheckpointError, StateMismatchError
 from .dcp_reader import DCP_METADATA, SafeFileSystemReader, SafeLoadPlanner, read_metadata
 
@@ -107,7 +107,7 @@ def not_a_step_dir_message(path: str) -> str:
     )
 
 
-class DCPBackend:
+class DCPBackend(StoredSteps):
     capabilities = Capabilities(persistent=True, non_tensor_state=True, cross_process=True)
 
     def __init__(self, ctx: BackendContext):
@@ -174,16 +174,3 @@ class DCPBackend:
             raise CorruptCheckpointError(f"reading DCP checkpoint {path} failed: {first!r}", path) from first
         for key in state.extras:
             state.extras[key] = flat[key]
-
-    # -- listing, deleting
-    def steps(self) -> list[int]:
-        return self.store.steps()
-
-    def delete(self, step: int) -> None:
-        self.store.delete(step)
-
-    def cleanup_partials(self) -> list[str]:
-        return self.store.cleanup_partials()
-
-    def close(self) -> None:
-        pass

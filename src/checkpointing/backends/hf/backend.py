@@ -18,7 +18,7 @@ import logging
 import os
 
 from ...backend import BackendContext, Capabilities, StepState
-from ...commit import MANIFEST, StepDirectory
+from ...commit import MANIFEST, StepDirectory, StoredSteps
 from ...config import HFOptions
 from ...errors import ConfigError, UnsafeCheckpointError
 from ...safepath import check_no_escaping_links
@@ -30,7 +30,7 @@ from .training_state import SIDECAR, check_sidecar, read_sidecar
 log = logging.getLogger(__name__)
 
 
-class HFBackend:
+class HFBackend(StoredSteps):
     capabilities = Capabilities(persistent=True, non_tensor_state=True, cross_process=True)
 
     def __init__(self, ctx: BackendContext):
@@ -113,16 +113,3 @@ class HFBackend:
             read_sidecar(path, state.extras, self.ctx.process_group)
         if directory is not None and plan is not None:
             load_model(directory, plan, state.model)
-
-    # -- listing, deleting
-    def steps(self) -> list[int]:
-        return self.store.steps()
-
-    def delete(self, step: int) -> None:
-        self.store.delete(step)
-
-    def cleanup_partials(self) -> list[str]:
-        return self.store.cleanup_partials()
-
-    def close(self) -> None:
-        pass
