@@ -220,23 +220,7 @@ class StepDirectory:
         self._barrier()
 
     def _commit(self, staging: str, step: int) -> None:
-        # Flushing to disk waits on the device, checksumming on the CPU: do both at once. The
-        # manifest is written only after every file is durable, so a crash still leaves no step.
-        paths = [os.path.join(staging, rel) for rel in _files_under(staging)]
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit-fsync") as pool:
-            synced = pool.submit(lambda: [fsync_path(p) for p in paths])
-            try:
-                manifest = Manifest.build(staging, step, self.backend, known=self._known_checksums.pop(staging, None))
-            finally:
-                synced.result()  # an fsync error (EIO) wins over a checksum one: it is the cause
-        tmp = os.path.join(staging, MANIFEST + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(manifest.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, os.path.join(staging, MANIFEST))
-        for dirpath, _, _ in os.walk(staging):
-            fsync_path(dirpath)
+        seal(staging, step, self.backend, known=self._known_checksums.pop(staging, None))
         final = self.path(step)
         if os.path.lexists(final):  # re-saving a step (e.g. after a resume): move the old one aside
             self._move_to_trash(final)
@@ -329,3 +313,26 @@ class StoredSteps:
 
     def close(self) -> None:
         pass
+
+
+def seal(staging: str, step: int, backend: str, known: dict | None = None) -> Manifest:
+    """Make a staged directory durable and self-describing, ready for its one atomic rename:
+    every file fsynced, then the manifest (sizes, CRC32s) written and fsynced last, then the
+    directories. A crash before the rename leaves only a staging directory nobody lists."""
+    # Flushing to disk waits on the device, checksumming on the CPU: do both at once.
+    paths = [os.path.join(staging, rel) for rel in _files_under(staging)]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit-fsync") as pool:
+        synced = pool.submit(lambda: [fsync_path(p) for p in paths])
+        try:
+            manifest = Manifest.build(staging, step, backend, known=known)
+        finally:
+            synced.result()  # an fsync error (EIO) wins over a checksum one: it is the cause
+    tmp = os.path.join(staging, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(manifest.to_json())
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, os.path.join(staging, MANIFEST))
+    for dirpath, _, _ in os.walk(staging):
+        fsync_path(dirpath)
+    return manifest

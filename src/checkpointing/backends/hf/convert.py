@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from ...commit import MANIFEST, STEP_RE, Manifest, fsync_path
+from ...commit import MANIFEST, STEP_RE, Manifest, fsync_path, seal
 from ...errors import ConfigError, UnsafeCheckpointError
 from ...safepath import check_no_escaping_links
 from .directory import HFDirectory
@@ -92,19 +92,8 @@ def step_of(path: str) -> int:
 
 
 def commit_directory(staging: str, final: str, step: int, backend: str) -> None:
-    """The commit protocol for a directory that is not a ``step-N``: fsync, manifest, one rename."""
-    for dirpath, _, files in os.walk(staging):
-        for name in files:
-            fsync_path(os.path.join(dirpath, name))
-    manifest = Manifest.build(staging, step, backend)
-    tmp = os.path.join(staging, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(manifest.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, os.path.join(staging, MANIFEST))
-    for dirpath, _, _ in os.walk(staging):
-        fsync_path(dirpath)
+    """The commit protocol for a directory that is not a ``step-N``: seal, then one rename."""
+    seal(staging, step, backend)
     os.rename(staging, final)
     fsync_path(os.path.dirname(os.path.abspath(final)))
 
