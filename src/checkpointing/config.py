@@ -16,10 +16,9 @@ Two ways in, one result:
 import difflib
 import os
 import re
-import sys
 import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal
 
 from torchtitan.config import Checkpoint as TitanCheckpoint
