@@ -2,9 +2,14 @@
 
 A backend moves one step's state in and out of storage. It knows nothing about intervals,
 retention, async saves, model-only exports or initial loads: those policies live once in
-:mod:`checkpointing.manager`. Backends are found by name in a registry that third parties
-extend through the ``titan_checkpointing.backends`` entry point group, so adding a library
-touches neither this package nor ``rl``.
+:mod:`checkpointing.manager`. Each backend is described by a :class:`BackendSpec` (factory,
+options table, capabilities) registered by name; third parties register theirs through the
+``titan_checkpointing.backends`` entry point group, so adding a library touches neither this
+package nor ``rl``.
+
+Besides the five core methods, a backend may offer optional capabilities, each a small typed
+protocol below. The manager and ``ckpt`` test for them once with ``isinstance`` and fall back
+to a generic path when a backend lacks one, so a plugin only writes what it can do better.
 """
 
 from __future__ import annotations
@@ -12,14 +17,13 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 from .errors import BackendNotFoundError, ConfigError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .config import CheckpointConfig
+from .receiver import TensorSpec
 
 ENTRY_POINT_GROUP = "titan_checkpointing.backends"
+VERIFY_MODES = ("checksum", "size", "off")
 
 
 @dataclass
@@ -65,15 +69,19 @@ class BackendContext:
 
     folder: str
     """``{base_folder}/{checkpoint.folder}``: where a persistent backend keeps ``step-N``."""
-    config: "CheckpointConfig"
+    options: Any = None
+    """The backend's own table (``[checkpoint.<name>]``), an instance of its spec's ``options``
+    dataclass, already type-checked and validated; None for a backend that declares none."""
+    verify: str = "checksum"
+    """``checkpoint.verify``: what a load checks before reading (see :data:`VERIFY_MODES`)."""
     sd_adapter: Any = None
     """A TorchTitan ``BaseStateDictAdapter`` instance (``to_hf``/``from_hf``), or None."""
     process_group: Any = None
     """The torch.distributed group for collectives, or None when not distributed."""
-
-    def options(self, name: str) -> Any:
-        """The backend's own nested table, e.g. ``[checkpoint.memory]``."""
-        return getattr(self.config, name, None)
+    load_only: bool = False
+    """A reader (a generator, ``ckpt``): it never writes, deletes or cleans up."""
+    name: str = ""
+    """The name the backend was selected by (what its manifests record)."""
 
 
 @runtime_checkable
@@ -81,6 +89,8 @@ class Backend(Protocol):
     """Storage for committed steps. Steps are ints; a step is visible only once complete."""
 
     capabilities: Capabilities
+    location: str
+    """Where the steps live, for messages: a folder, a channel."""
 
     def write(self, step: int, state: StepState) -> None:
         """Store ``state`` as ``step``; it becomes visible to ``steps()`` only when complete."""
@@ -101,94 +111,211 @@ class Backend(Protocol):
         """Release files, threads, segments."""
 
 
-class ExternalReader(Protocol):
-    """Optional: a persistent backend that can read a checkpoint outside its folder (an
-    ``initial_load_path``: a DCP ``step-N`` directory or a Hugging Face model directory)."""
+# ---------------------------------------------------------------------------- optional capabilities
+@runtime_checkable
+class CleansPartials(Protocol):
+    """Leftovers of a crashed writer (staging directories, dead segments) can be removed; a
+    writer's Checkpointer calls this once when it opens."""
+
+    def cleanup_partials(self) -> list[str]: ...
+
+
+@runtime_checkable
+class ReadsExternal(Protocol):
+    """Reads a checkpoint outside its folder: an ``initial_load_path`` (a DCP ``step-N``, a
+    Hugging Face model directory) or the source of ``ckpt convert``."""
 
     def read_path(self, path: str, state: StepState) -> None: ...
 
 
+@runtime_checkable
+class WritesExternal(Protocol):
+    """Writes one model into a new directory outside its step folder (``ckpt convert``)."""
+
+    def write_path(self, path: str, state: StepState, progress: Callable[[int], None] | None = None) -> None:
+        """``progress(n)`` is called with bytes written as the write advances."""
+
+
+@runtime_checkable
+class Inspects(Protocol):
+    """Understands step directories on disk for ``ckpt inspect | verify``: recognises its own
+    (also when another tool wrote them, without our manifest), lists their tensors and checks
+    their structure beyond the manifest."""
+
+    def recognizes(self, path: str) -> bool:
+        """``path`` is a step directory in this backend's format, with or without a manifest."""
+
+    def describe(self, path: str) -> dict[str, Any]:
+        """``{"tensors": [{"name", "dtype", "shape", "bytes", ...}], ...}``: what ``inspect`` prints."""
+
+    def check_structure(self, path: str) -> str:
+        """Raise CorruptCheckpointError on damage the manifest cannot see; a one-line summary."""
+
+
+@runtime_checkable
+class Lease(Protocol):
+    """A read-only view of one published version, pinned until released."""
+
+    step: int
+    tensors: Mapping[str, Any]
+    """Name -> tensor views into the backend's own buffer, already checked against the specs."""
+
+    def release(self) -> None:
+        """Let the publisher reuse the buffer; the views must not be used afterwards."""
+
+
+@runtime_checkable
+class ViewReader(Protocol):
+    """Hands out a published version without copying it: a sink reads straight from the
+    backend's buffer, and a module receiver can adopt the buffer as its weights."""
+
+    def open_views(self, step: int, specs: Mapping[str, TensorSpec]) -> Lease:
+        """Pin ``step`` and return views of every tensor in ``specs`` (names both ways, shapes,
+        dtypes checked first: StateMismatchError naming the keys otherwise)."""
+
+
+# ---------------------------------------------------------------------------- the registry
 BackendFactory = Callable[[BackendContext], Backend]
 
-_registry: dict[str, BackendFactory] = {}
-_entry_points_loaded = False
-_lock = threading.Lock()
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A backend as the registry knows it: how to build it, what it promises, what it reads
+    from TOML. A plugin's entry point names one of these."""
+
+    name: str
+    factory: BackendFactory
+    capabilities: Capabilities
+    options: type | None = None
+    """A dataclass: its fields are the ``[checkpoint.<name>]`` table (defaults, types and
+    docstrings are the documentation). An optional ``validate(self, prefix)`` method checks
+    bounds and raises ConfigError."""
+    summary: str = ""
+
+    def __post_init__(self) -> None:
+        if not valid_name(self.name):
+            raise ValueError(f"backend name must be a non-empty identifier (letters, digits, '_'), got {self.name!r}")
+        if not callable(self.factory):
+            raise TypeError(f"backend {self.name!r}: factory must be callable, got {type(self.factory).__name__}")
+
+    def default_options(self) -> Any:
+        return self.options() if self.options is not None else None
 
 
-def register_backend(name: str, factory: BackendFactory, *, replace: bool = False) -> None:
-    """Register ``factory`` (a class or callable taking a BackendContext) under ``name``."""
-    if not name or not name.replace("_", "").replace("-", "").isalnum():
-        raise ValueError(f"backend name must be a non-empty identifier, got {name!r}")
-    with _lock:
-        if name in _registry and not replace and _registry[name] is not factory:
-            raise ValueError(f"a backend named {name!r} is already registered")
-        _registry[name] = factory
+def valid_name(name: str) -> bool:
+    """Backend names become TOML table names and Python field names."""
+    return bool(name) and name.isidentifier() and name.isascii()
 
 
-def _load_entry_points() -> None:
-    global _entry_points_loaded
-    with _lock:
-        if _entry_points_loaded:
-            return
-        _entry_points_loaded = True
-        found = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
-    for ep in found:
-        if ep.name in _registry:
-            continue
-        # Loaded lazily: a broken third-party plugin only fails when someone selects it.
-        _registry.setdefault(ep.name, _LazyEntryPoint(ep))
+class _EntryPointSpec:
+    """A spec announced by an installed distribution, imported when first needed, so a broken
+    plugin fails only when someone uses it, naming the plugin."""
 
-
-class _LazyEntryPoint:
     def __init__(self, ep: metadata.EntryPoint):
         self.ep = ep
 
-    def __call__(self, ctx: BackendContext) -> Backend:
-        return self.resolve()(ctx)
-
-    def resolve(self) -> BackendFactory:
+    def resolve(self) -> BackendSpec:
         try:
-            factory = self.ep.load()
-        except Exception as e:  # the plugin's own bug: name it, as a config problem of this key
+            spec = self.ep.load()
+        except Exception as e:
             raise ConfigError(
                 f"checkpoint backend {self.ep.name!r} is registered by the entry point {self.ep.value!r} "
                 f"(group {ENTRY_POINT_GROUP!r}) but cannot be loaded: {e!r}"
             ) from e
-        _registry[self.ep.name] = factory
-        return factory
+        if not isinstance(spec, BackendSpec):
+            raise ConfigError(
+                f"the entry point {self.ep.name} = {self.ep.value!r} (group {ENTRY_POINT_GROUP!r}) must name a "
+                f"checkpointing.BackendSpec, not a {type(spec).__name__}"
+            )
+        if spec.name != self.ep.name:
+            raise ConfigError(
+                f"the entry point {self.ep.name!r} (group {ENTRY_POINT_GROUP!r}) names a BackendSpec called {spec.name!r}; "
+                "the two names must match"
+            )
+        return spec
 
 
-def _ensure_builtins() -> None:
-    # Importing the package registers dcp / hf / memory even when the distribution is not
-    # installed (e.g. running from a source tree), so the entry points are a superset.
-    from . import backends  # noqa: F401
+_registry: dict[str, BackendSpec | _EntryPointSpec] = {}
+_discovered = False
+_lock = threading.RLock()
 
-    _load_entry_points()
+
+def register_backend(spec: BackendSpec, *, replace: bool = False) -> None:
+    """Make ``spec`` selectable as ``[checkpoint] backend = "<spec.name>"``."""
+    if not isinstance(spec, BackendSpec):
+        raise TypeError(f"register_backend takes a BackendSpec, got {type(spec).__name__}")
+    with _lock:
+        old = _registry.get(spec.name)
+        if isinstance(old, BackendSpec) and old is not spec and not replace:
+            raise ValueError(f"a backend named {spec.name!r} is already registered")
+        _registry[spec.name] = spec
+
+
+def unregister_backend(name: str) -> None:
+    """Drop a registration (tests that register throwaway backends clean up with this)."""
+    with _lock:
+        _registry.pop(name, None)
+
+
+def _discover() -> None:
+    """Built-in backends and installed plugins, found once per process."""
+    global _discovered
+    with _lock:
+        if _discovered:
+            return
+        _discovered = True
+        from .backends import BUILTIN_SPECS
+
+        for name, ref in BUILTIN_SPECS.items():
+            _registry.setdefault(name, _EntryPointSpec(metadata.EntryPoint(name, ref, ENTRY_POINT_GROUP)))
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if valid_name(ep.name):
+                _registry.setdefault(ep.name, _EntryPointSpec(ep))
 
 
 def available_backends() -> list[str]:
-    _ensure_builtins()
+    _discover()
     return sorted(_registry)
 
 
-def get_backend_factory(name: str) -> BackendFactory:
-    _ensure_builtins()
-    try:
-        factory = _registry[name]
-    except KeyError:
+def backend_spec(name: str) -> BackendSpec:
+    """The spec registered under ``name`` (imported now if a plugin announced it)."""
+    _discover()
+    with _lock:
+        entry = _registry.get(name)
+    if entry is None:
         raise BackendNotFoundError(
             f"unknown checkpoint backend {name!r}; registered backends: {', '.join(available_backends())} "
             f"(third-party backends register through the {ENTRY_POINT_GROUP!r} entry point group)"
-        ) from None
-    if isinstance(factory, _LazyEntryPoint):
-        factory = factory.resolve()
-    return factory
+        )
+    if isinstance(entry, _EntryPointSpec):
+        spec = entry.resolve()
+        with _lock:
+            if _registry.get(name) is entry:
+                _registry[name] = spec
+        return spec
+    return entry
+
+
+def loadable_specs() -> list[BackendSpec]:
+    """Every spec that imports; a broken plugin is left out here (it still fails, naming
+    itself, when selected)."""
+    specs = []
+    for name in available_backends():
+        try:
+            specs.append(backend_spec(name))
+        except ConfigError:
+            continue
+    return specs
 
 
 def create_backend(name: str, ctx: BackendContext) -> Backend:
-    return get_backend_factory(name)(ctx)
+    return backend_spec(name).factory(ctx)
 
 
-def backend_capabilities(name: str) -> Capabilities | None:
-    """Capabilities declared on the factory (a class attribute), if any, without building it."""
-    return getattr(get_backend_factory(name), "capabilities", None)
+@runtime_checkable
+class ValidatedOptions(Protocol):
+    """An options table with bounds beyond its field types (the loader checks those)."""
+
+    def validate(self, prefix: str) -> None:
+        """Raise ConfigError naming ``{prefix}.<field>`` and what is allowed."""

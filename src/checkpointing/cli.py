@@ -1,18 +1,21 @@
 """``ckpt``: look inside, check and convert checkpoints without writing Python.
 
+    ckpt backends [--json]
     ckpt inspect PATH [--json]
     ckpt verify PATH [--mode checksum|size]
-    ckpt convert SRC DST --to hf|dcp --model NAME --flavor FLAVOR [--model-arg KEY=VALUE ...]
+    ckpt convert SRC DST --to BACKEND --model NAME --flavor FLAVOR [--model-arg KEY=VALUE ...]
 
-PATH is a checkpoint folder (holding ``step-N`` directories) or one step directory; steps
-written by this library (with a manifest) and by other tools (TorchTitan's DCP steps,
-``save_pretrained`` directories: "foreign", no checksums) are both understood. Nothing read
-from disk is unpickled or trusted: DCP metadata goes through the restricted unpickler, HF
-indexes and headers through the same checks the ``hf`` backend uses.
+PATH is a checkpoint folder (holding ``step-N`` directories) or one step directory. Every
+command goes through the backend registry: a step's manifest names the backend that wrote it,
+and a step another tool wrote (TorchTitan's DCP steps, ``save_pretrained`` directories:
+"foreign", no checksums) is claimed by the backend that recognizes it. So a plugin's steps are
+inspected, verified and converted exactly like the built-in ones, by whatever the plugin
+implements (:class:`~checkpointing.backend.Inspects`, ``ReadsExternal``, ``WritesExternal``);
+the manifest alone already gives every manifested step sizes and checksums.
 
 Exit status: 0 ok, 1 the checkpoint is damaged or unsafe, 2 a usage or config mistake (bad
-arguments, missing path, unknown model or flavor). Errors are one line on stderr, never a
-traceback.
+arguments, missing path, unknown model, flavor or backend). Errors are one line on stderr,
+never a traceback. ``--help`` imports neither torch nor any backend, so it answers at once.
 """
 
 from __future__ import annotations
@@ -32,12 +35,53 @@ class UsageError(Exception):
     """A mistake in the command line (exit 2)."""
 
 
+# --------------------------------------------------------------------------------- backends
+class Inspectors:
+    """One read-only instance per registered backend, built on first use with default options,
+    to answer questions about step directories on disk."""
+
+    def __init__(self) -> None:
+        self._built: dict[str, Any] = {}
+
+    def get(self, name: str) -> Any:
+        if name not in self._built:
+            self._built[name] = self.build(name)
+        return self._built[name]
+
+    @staticmethod
+    def build(name: str, sd_adapter: Any = None, options: Any = None, load_only: bool = True) -> Any:
+        from .backend import BackendContext, backend_spec
+
+        spec = backend_spec(name)
+        if not spec.capabilities.persistent:
+            raise UsageError(f"backend {name!r} keeps no files; there is nothing on disk to inspect or write")
+        options = options if options is not None else spec.default_options()
+        ctx = BackendContext(folder=".", options=options, sd_adapter=sd_adapter, load_only=load_only, name=name)
+        return spec.factory(ctx)
+
+    def recognizing(self, path: str) -> str | None:
+        """The first persistent backend (built-ins first, then plugins by name) that claims a
+        step directory without a manifest."""
+        from .backend import Inspects, loadable_specs
+
+        for spec in loadable_specs():
+            if not spec.capabilities.persistent:
+                continue
+            backend = self.get(spec.name)
+            if isinstance(backend, Inspects) and backend.recognizes(path):
+                return spec.name
+        return None
+
+
+INSPECTORS = Inspectors()
+
+
 # --------------------------------------------------------------------------------- discovery
 @dataclass
 class StepInfo:
     path: str
     name: str
-    backend: str  # "dcp" or "hf"
+    backend: str
     foreign: bool  # no manifest: written by another tool, not checksummed
 
 
@@ -51,20 +95,12 @@ class Located:
 
 def _step_kind(path: str) -> tuple[str, bool] | None:
     """(backend, foreign) for a step directory, or None when ``path`` is not one."""
-    from .backends.dcp import DCP_METADATA
-    from .backends.hf.directory import is_hf_dir
     from .commit import MANIFEST, Manifest
 
     if os.path.isfile(os.path.join(path, MANIFEST)):
-        backend = Manifest.read(path).backend
-        if backend not in ("dcp", "hf"):
-            backend = "dcp" if os.path.isfile(os.path.join(path, DCP_METADATA)) else "hf"
-        return backend, False
-    if os.path.isfile(os.path.join(path, DCP_METADATA)):
-        return "dcp", True
-    if is_hf_dir(path):
-        return "hf", True
-    return None
+        return Manifest.read(path).backend, False
+    name = INSPECTORS.recognizing(path)
+    return (name, True) if name is not None else None
 
 
 def locate(path: str) -> Located:
@@ -94,36 +130,26 @@ def locate(path: str) -> Located:
     return found
 
 
+def _inspector_for(step: StepInfo) -> Any:
+    from .errors import BackendNotFoundError
+
+    try:
+        return INSPECTORS.get(step.backend)
+    except BackendNotFoundError:
+        raise UsageError(
+            f"{step.path} was written by backend {step.backend!r}, which is not installed here "
+            "(install the plugin that provides it)"
+        ) from None
+
+
 # --------------------------------------------------------------------------------- describing
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).replace("torch.", "")
+def _manifest_rows(path: str) -> list[dict[str, Any]]:
+    """What any manifested step tells without its backend's help: its files and sizes."""
+    from .commit import Manifest
 
-
-def _dcp_tensors(step_dir: str) -> list[dict[str, Any]]:
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    from .backends.dcp import read_metadata
-
-    rows = []
-    for key, md in sorted(read_metadata(step_dir).state_dict_metadata.items()):
-        if isinstance(md, TensorStorageMetadata):
-            numel = 1
-            for d in md.size:
-                numel *= d
-            dtype = md.properties.dtype
-            rows.append({"name": key, "dtype": _dtype_name(dtype), "shape": list(md.size), "bytes": numel * dtype.itemsize})
-        else:
-            rows.append({"name": key, "dtype": "object", "shape": None, "bytes": 0})
-    return rows
-
-
-def _hf_tensors(step_dir: str) -> list[dict[str, Any]]:
-    from .backends.hf.directory import HFDirectory
-
-    directory = HFDirectory.open(step_dir)
     return [
-        {"name": name, "dtype": _dtype_name(e.dtype), "shape": list(e.shape), "bytes": e.nbytes, "file": rel}
-        for name, (rel, e) in sorted(directory.tensors.items())
+        {"name": rel, "dtype": "file", "shape": None, "bytes": entry["size"]}
+        for rel, entry in sorted(Manifest.read(path).files.items())
     ]
 
 
@@ -132,39 +158,29 @@ def _disk_bytes(path: str) -> int:
 
 
 def describe_step(step: StepInfo) -> dict[str, Any]:
-    from .backends.hf.training_state import SIDECAR, has_sidecar, sidecar_path
+    from .backend import Inspects
 
+    backend = _inspector_for(step)
+    described = backend.describe(step.path) if isinstance(backend, Inspects) else {"tensors": _manifest_rows(step.path)}
     out: dict[str, Any] = {"step": step.name, "path": step.path, "backend": step.backend, "foreign": step.foreign}
-    if step.backend == "dcp":
-        out["tensors"] = _dcp_tensors(step.path)
-    else:
-        out["tensors"] = _hf_tensors(step.path)
-        if has_sidecar(step.path):
-            out[SIDECAR] = _dcp_tensors(sidecar_path(step.path))
-    out["tensor_bytes"] = sum(r["bytes"] for r in out["tensors"]) + sum(r["bytes"] for r in out.get(SIDECAR, []))
+    out["tensors"] = described["tensors"]
+    out["sections"] = described.get("sections", {})
+    rows = out["tensors"] + [r for rows in out["sections"].values() for r in rows]
+    out["tensor_bytes"] = sum(r["bytes"] for r in rows)
     out["disk_bytes"] = _disk_bytes(step.path)
     return out
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 def _print_rows(rows: list[dict[str, Any]], indent: str) -> None:
     width = max((len(r["name"]) for r in rows), default=0)
     for r in rows:
-        shape = "object" if r["shape"] is None else f"{r['dtype']:<9} {r['shape']}"
+        shape = "object" if r["shape"] is None and r["dtype"] == "object" else f"{r['dtype']:<9} {r['shape'] or ''}"
         where = f"  {r['file']}" if "file" in r else ""
         print(f"{indent}{r['name']:<{width}}  {shape}{where}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .backends.hf.training_state import SIDECAR
+    from .units import human_bytes
 
     found = locate(args.path)
     described = [describe_step(s) for s in found.steps]
@@ -176,43 +192,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for d in described:
         origin = "foreign: no manifest, written by another tool" if d["foreign"] else "manifest"
         print(f"{d['step']}: backend {d['backend']} ({origin}); {len(d['tensors'])} entries, "
-              f"{_human(d['tensor_bytes'])} of tensors, {_human(d['disk_bytes'])} on disk")
+              f"{human_bytes(d['tensor_bytes'])} of tensors, {human_bytes(d['disk_bytes'])} on disk")
         _print_rows(d["tensors"], "  ")
-        if SIDECAR in d:
-            print(f"  {SIDECAR}/ (DCP sidecar): {len(d[SIDECAR])} entries")
-            _print_rows(d[SIDECAR], "    ")
+        for title, rows in d["sections"].items():
+            print(f"  {title}: {len(rows)} entries")
+            _print_rows(rows, "    ")
     if found.leftovers:
         print(f"partial leftovers of interrupted writes (ignored, removed by the next writer): {found.leftovers}")
     if len(described) > 1:
-        print(f"total: {_human(sum(d['tensor_bytes'] for d in described))} of tensors, "
-              f"{_human(sum(d['disk_bytes'] for d in described))} on disk")
+        print(f"total: {human_bytes(sum(d['tensor_bytes'] for d in described))} of tensors, "
+              f"{human_bytes(sum(d['disk_bytes'] for d in described))} on disk")
     return EXIT_OK
 
 
 # --------------------------------------------------------------------------------- verifying
-def _check_dcp_structure(step_dir: str) -> None:
-    """Every byte range the (safely parsed) metadata names lies inside an existing file."""
-    from .backends.dcp import read_metadata
-    from .errors import CorruptCheckpointError
-    from .safepath import safe_join
-
-    sizes: dict[str, int] = {}
-    for info in (read_metadata(step_dir).storage_data or {}).values():
-        rel = os.fspath(getattr(info, "relative_path", ""))
-        path = safe_join(step_dir, rel)
-        if rel not in sizes:
-            if not os.path.isfile(path):
-                raise CorruptCheckpointError(f"DCP data file missing: {path}", path)
-            sizes[rel] = os.path.getsize(path)
-        end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
-        if end > sizes[rel]:
-            raise CorruptCheckpointError(f"{path} has {sizes[rel]} bytes, the metadata reads up to byte {end} (truncated)", path)
-
-
 def verify_step(step: StepInfo, mode: str) -> str:
-    """Checksums (when there is a manifest), then structure; returns a one-line summary."""
-    from .backends.hf.directory import HFDirectory
-    from .backends.hf.training_state import has_sidecar, sidecar_path
+    """Checksums (when there is a manifest), then the backend's own structure checks; returns a
+    one-line summary."""
+    from .backend import Inspects
     from .commit import Manifest
     from .safepath import check_no_escaping_links
 
@@ -223,14 +220,9 @@ def verify_step(step: StepInfo, mode: str) -> str:
         manifest = Manifest.read(step.path)
         manifest.verify(step.path, mode)
         checked = f"{len(manifest.files)} files match the manifest ({mode})"
-    if step.backend == "dcp":
-        _check_dcp_structure(step.path)
-    else:
-        directory = HFDirectory.open(step.path)
-        checked += f"; {len(directory.tensors)} tensors in {len(directory.shards)} shard(s)"
-        if has_sidecar(step.path):
-            _check_dcp_structure(sidecar_path(step.path))
-            checked += "; training_state ok"
+    backend = _inspector_for(step)
+    if isinstance(backend, Inspects):
+        checked += f"; {backend.check_structure(step.path)}"
     return checked
 
 
@@ -259,23 +251,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------- converting
-def _progress_factory(enabled: bool):
-    if not enabled:
-        return None
+class _ProgressBar:
+    """A tqdm bar made once the total is known; closed by the command."""
 
-    def make(total: int, desc: str):
+    def __init__(self, desc: str) -> None:
+        self.desc, self.bar = desc, None
+
+    def __call__(self, total: int):
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
+        self.bar = tqdm(total=total, desc=self.desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
+        return self.bar.update
 
-    return make
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
-    from .backends.hf.convert import dcp_to_hf, hf_to_dcp, titan_model
+    from .convert import convert_step
+    from .titan_models import titan_model
+    from .units import human_bytes
 
+    options = _destination_options(args)  # an unknown --to backend is named before anything is read
     src = locate(args.src)
     if not src.steps:
         raise UsageError(f"{args.src} has no committed step to convert")
@@ -283,15 +283,99 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if step.backend == args.to:
         raise UsageError(f"{step.path} is already a {args.to} checkpoint")
     model = titan_model(args.model, args.flavor, args.model_arg or [])
+    reader = INSPECTORS.build(step.backend, model.adapter)
+    writer = INSPECTORS.build(args.to, model.adapter, options, load_only=False)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    progress = _progress_factory(not args.no_progress)
-    if args.to == "hf":
-        result = dcp_to_hf(step.path, args.dst, model, args.max_shard_size_mb << 20, dtype, progress)
-    else:
-        result = hf_to_dcp(step.path, args.dst, model, dtype, progress)
-    print(f"converted {step.path} ({step.backend}) -> {args.dst} ({args.to}): {result['tensors']} tensors, {_human(result['bytes'])}")
+    bar = None if args.no_progress else _ProgressBar(f"writing {args.to}")
+    try:
+        result = convert_step(step.path, reader, args.dst, writer, model, dtype, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"converted {step.path} ({step.backend}) -> {args.dst} ({args.to}): {result['tensors']} tensors, "
+          f"{human_bytes(result['bytes'])}")
     if result["skipped"]:
         print(f"not converted (not model weights): {len(result['skipped'])} entries, e.g. {result['skipped'][:3]}")
+    return EXIT_OK
+
+
+def _destination_options(args: argparse.Namespace) -> Any:
+    """``--option KEY=VALUE`` (and ``--max-shard-size-mb``) into the destination backend's own
+    options table, type-checked like the TOML table."""
+    import dataclasses
+
+    from .backend import backend_spec
+    from .config import validated_options
+
+    spec = backend_spec(args.to)
+    if not spec.capabilities.persistent:
+        raise UsageError(f"--to {args.to!r}: that backend keeps no files; choose one that writes directories")
+    items = list(args.option or [])
+    if args.max_shard_size_mb is not None:
+        items.append(f"max_shard_size_mb={args.max_shard_size_mb}")
+    if not items:
+        return None
+    if spec.options is None:
+        raise UsageError(f"backend {args.to!r} has no options; --option {items[0]!r} does not apply")
+    names = {f.name: f for f in dataclasses.fields(spec.options)}
+    changes = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in names:
+            raise UsageError(f"--option {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(names))} "
+                             f"([checkpoint.{args.to}])")
+        changes[key] = _option_value(text)
+    return validated_options(dataclasses.replace(spec.default_options(), **changes), f"--option [{args.to}]")
+
+
+def _option_value(text: str) -> Any:
+    """TOML-like scalars: integers, floats, true/false, else the text."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
+
+
+# --------------------------------------------------------------------------------- listing backends
+def cmd_backends(args: argparse.Namespace) -> int:
+    from .backend import available_backends, backend_spec
+    from .errors import ConfigError
+    from .options_doc import option_rows
+
+    listed = []
+    for name in available_backends():
+        try:
+            spec = backend_spec(name)
+        except ConfigError as e:
+            listed.append({"name": name, "error": str(e)})
+            continue
+        caps = spec.capabilities
+        listed.append({
+            "name": name,
+            "summary": spec.summary,
+            "capabilities": {"persistent": caps.persistent, "non_tensor_state": caps.non_tensor_state,
+                             "cross_process": caps.cross_process},
+            "options": [row.as_dict() for row in option_rows(spec.options)] if spec.options else [],
+        })
+    if args.json:
+        print(json.dumps(listed, indent=1))
+        return EXIT_OK
+    for entry in listed:
+        if "error" in entry:
+            print(f"{entry['name']}: cannot be loaded: {entry['error']}")
+            continue
+        caps = ", ".join(k for k, v in entry["capabilities"].items() if v) or "none"
+        print(f"{entry['name']}: {entry['summary']}")
+        print(f"  capabilities: {caps}")
+        if entry["options"]:
+            print(f"  [checkpoint.{entry['name']}]")
+            for row in entry["options"]:
+                print(f"    {row['name']} = {row['default']}  ({row['type']})  {row['doc']}")
     return EXIT_OK
 
 
@@ -313,8 +397,12 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ckpt", description="Inspect, verify and convert titan-checkpointing / TorchTitan / Hugging Face checkpoints.")
-    sub = parser.add_subparsers(dest="command", metavar="{inspect,verify,convert}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{backends,inspect,verify,convert}", parser_class=_Parser)
     sub.required = True
+
+    p = sub.add_parser("backends", help="registered backends (plugins included): capabilities and [checkpoint.<name>] options")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_backends)
 
     p = sub.add_parser("inspect", help="backend, steps, tensors with dtypes and shapes, sizes")
     p.add_argument("path", help="a checkpoint folder (with step-N directories) or one step directory")
@@ -323,18 +411,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="checksums and structure; exit 0 ok, 1 damaged, 2 usage")
     p.add_argument("path", help="a checkpoint folder (with step-N directories) or one step directory")
-    p.add_argument("--mode", choices=("checksum", "size"), default="checksum", help="checksum: CRC32 of every byte (default); size: file sizes only")
+    p.add_argument("--mode", choices=("checksum", "size"), default="checksum", help="checksum: every byte (default); size: file sizes only")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("convert", help="DCP <-> Hugging Face model weights through the TorchTitan adapter")
-    p.add_argument("src", help="a DCP or HF step directory, or a folder (its newest step)")
+    p = sub.add_parser("convert", help="model weights from one backend's format to another's, through the TorchTitan adapter")
+    p.add_argument("src", help="a step directory (any registered backend's, or another tool's), or a folder (its newest step)")
     p.add_argument("dst", help="the new directory to create (must not exist)")
-    p.add_argument("--to", required=True, choices=("hf", "dcp"), help="output format")
+    p.add_argument("--to", required=True, metavar="BACKEND", help="output format: a registered backend that writes directories, e.g. hf, dcp")
     p.add_argument("--model", required=True, help="TorchTitan model name, e.g. qwen3, llama3")
     p.add_argument("--flavor", required=True, help="TorchTitan flavor, e.g. debugmodel, 0.6B, 8B")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="override a model arg (repeatable), e.g. dim=64")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="cast floating tensors (default: keep the stored dtype)")
-    p.add_argument("--max-shard-size-mb", type=_positive, default=2048, help="largest HF shard in MiB (default 2048)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="a key of the destination backend's [checkpoint.<BACKEND>] table (repeatable; see 'ckpt backends')")
+    p.add_argument("--max-shard-size-mb", type=_positive, help="short for --option max_shard_size_mb=N (largest HF shard in MiB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
     return parser

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from .checksum import crc32_file  # noqa: F401  (also re-exported: commit.crc32_file)
-from .errors import CorruptCheckpointError, StepNotFoundError, UnsafeCheckpointError
+from .errors import ConfigError, CorruptCheckpointError, StepNotFoundError, UnsafeCheckpointError
 from .safepath import check_no_escaping_links, safe_join
 
 log = logging.getLogger(__name__)
@@ -302,6 +302,10 @@ class StoredSteps:
 
     store: StepDirectory
 
+    @property
+    def location(self) -> str:
+        return self.store.folder
+
     def steps(self) -> list[int]:
         return self.store.steps()
 
@@ -336,3 +340,34 @@ def seal(staging: str, step: int, backend: str, known: dict | None = None) -> Ma
     for dirpath, _, _ in os.walk(staging):
         fsync_path(dirpath)
     return manifest
+
+
+@contextlib.contextmanager
+def staged_directory(dst: str) -> Iterator[str]:
+    """A hidden sibling of ``dst`` to write into; it is removed if the block fails. The caller
+    makes it ``dst`` with :func:`commit_directory` (``ckpt convert``'s output, an export)."""
+    if os.path.lexists(dst):
+        raise ConfigError(f"destination {dst} already exists; choose a new directory")
+    parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"the parent directory of {dst} does not exist")
+    staging = os.path.join(parent, f"{STAGING_PREFIX}convert-{uuid.uuid4().hex[:12]}")
+    os.makedirs(staging)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def commit_directory(staging: str, final: str, step: int, backend: str) -> None:
+    """The commit protocol for a directory that is not a ``step-N``: seal, then one rename."""
+    seal(staging, step, backend)
+    os.rename(staging, final)
+    fsync_path(os.path.dirname(os.path.abspath(final)))
+
+
+def step_of(path: str) -> int:
+    """The step a ``step-N`` directory holds (0 for any other name)."""
+    m = STEP_RE.match(os.path.basename(os.path.normpath(path)))
+    return int(m.group(1)) if m else 0

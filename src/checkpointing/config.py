@@ -15,15 +15,16 @@ Two ways in, one result:
 # generated class, so the annotations must be real types, not strings.
 import difflib
 import os
-import re
+import threading
 import types
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from typing import Any, Literal
 
 from torchtitan.config import Checkpoint as TitanCheckpoint
 
-from .errors import ConfigError
+from .backend import BackendSpec, ValidatedOptions, available_backends, backend_spec, loadable_specs
+from .errors import BackendNotFoundError, ConfigError
 
 try:  # Python 3.11+
     import tomllib
@@ -32,72 +33,65 @@ except ModuleNotFoundError:  # pragma: no cover
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
-VERIFY_MODES = ("checksum", "size", "off")
+LOAD_MODES = ("auto", "copy")
 
 
 @dataclass
-class DCPOptions:
-    """``[checkpoint.dcp]``: torch.distributed.checkpoint on disk."""
-
-    thread_count: int = 1
-    """Writer threads per rank (FileSystemWriter ``thread_count``)."""
-    single_file_per_rank: bool = True
-    """One ``__R_0.distcp`` file per rank, as TorchTitan writes them."""
-
-
-@dataclass
-class HFOptions:
-    """``[checkpoint.hf]``: Hugging Face safetensors model directories."""
-
-    max_shard_size_mb: int = 2048
-    """Largest ``model-XXXXX-of-YYYYY.safetensors`` shard, in MiB."""
-    save_extras: bool = True
-    """Keep optimizer / lr / dataloader / train state beside the safetensors (a DCP sidecar) so an
-    ``hf`` checkpoint resumes training; model-only steps are plain HF directories either way."""
-
-
-@dataclass
-class MemoryOptions:
-    """``[checkpoint.memory]``: in-memory handoff of model weights (no files)."""
-
-    transport: Literal["local", "shm"] = "local"
-    """``local``: publisher and reader in one process. ``shm``: another process on this host."""
-    channel: str = "default"
-    """Name both sides agree on; one channel carries one model's versions."""
-    bucket_size_mb: int = 256
-    """Copy granularity: bounds the transient memory of a publish or a load."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Dtype of the published snapshot; ``auto`` keeps the publisher's (the receiver still casts
-    into its own tensors)."""
-    keep_versions: int = 2
-    """Snapshots held at once; with 2 a reader copies one while the next is written."""
-    verify_data: bool = False
-    """Checksum every tensor on publish and check it on load before the receiver is touched.
-    Off by default: it costs about half a memcpy per side, and torn reads are already
-    excluded by the slot locks (the manifest is always CRC-checked)."""
-
-
-@dataclass
-class CheckpointConfig(TitanCheckpoint):
-    """TorchTitan 0.2.2's ``[checkpoint]`` keys (same names, same defaults) plus ours."""
+class CheckpointSection(TitanCheckpoint):
+    """TorchTitan 0.2.2's ``[checkpoint]`` keys (same names, same defaults) plus the keys every
+    backend shares. :data:`CheckpointConfig` adds one table per registered backend."""
 
     backend: str = "dcp"
-    """Registered backend name: ``dcp``, ``hf``, ``memory`` or a plugin's."""
+    """Registered backend name: ``dcp``, ``hf``, ``memory`` or a plugin's (``ckpt backends``)."""
     verify: Literal["checksum", "size", "off"] = "checksum"
     """What load checks against the step's manifest before reading any tensor."""
-    dcp: DCPOptions = field(default_factory=DCPOptions)
-    hf: HFOptions = field(default_factory=HFOptions)
-    memory: MemoryOptions = field(default_factory=MemoryOptions)
+    load_mode: Literal["auto", "copy"] = "auto"
+    """How a reader (``load_only``) takes a version from a backend that can lend it without a
+    copy (``memory``): ``auto`` adopts the published snapshot as the model's weights when the
+    receiver fits it exactly (same dtypes, plain tensors), else copies; ``copy`` always copies
+    into the receiver's own tensors."""
 
     def __post_init__(self) -> None:
         validate_checkpoint_config(self, "checkpoint")
 
 
-@dataclass
-class JobConfig:
-    """What ``[job] custom_config_module = "checkpointing.config"`` adds to TorchTitan's JobConfig."""
+def checkpoint_config_class(specs: list[BackendSpec]) -> type:
+    """``[checkpoint]`` with a ``[checkpoint.<name>]`` table for every backend in ``specs``
+    that declares options: what both TorchTitan's ConfigManager and :func:`load_job_config`
+    parse, so a plugin's table is read exactly like a built-in one."""
+    tables = [(s.name, s.options, field(default_factory=s.options)) for s in specs if s.options is not None]
+    clash = [name for name, _, _ in tables if name in {f.name for f in fields(CheckpointSection)}]
+    if clash:
+        raise ConfigError(f"backend names {clash} clash with [checkpoint] keys; rename the backend")
+    return make_dataclass("CheckpointConfig", tables, bases=(CheckpointSection,), namespace={"__module__": __name__})
 
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+def job_config_class(checkpoint_cls: type) -> type:
+    """What ``[job] custom_config_module = "checkpointing.config"`` adds to TorchTitan's JobConfig."""
+    return make_dataclass(
+        "JobConfig",
+        [("checkpoint", checkpoint_cls, field(default_factory=checkpoint_cls))],
+        namespace={"__module__": __name__, "__doc__": job_config_class.__doc__},
+    )
+
+
+_built: dict[str, type] = {}
+_build_lock = threading.RLock()
+
+
+def __getattr__(name: str) -> Any:
+    """``CheckpointConfig`` and ``JobConfig`` are built on first use, from the backends
+    registered then (built-ins and installed plugins), so importing this module discovers
+    nothing and building a config instance discovers nothing either."""
+    if name not in ("CheckpointConfig", "JobConfig"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    with _build_lock:
+        if not _built:
+            checkpoint_cls = checkpoint_config_class(loadable_specs())
+            _built["CheckpointConfig"] = checkpoint_cls
+            _built["JobConfig"] = job_config_class(checkpoint_cls)
+            globals().update(_built)
+    return _built[name]
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,17 +100,16 @@ class JobConfig:
 
 
 def validate_checkpoint_config(cfg: Any, prefix: str = "checkpoint") -> None:
-    """Check one ``[checkpoint]``-shaped config (ours, TorchTitan's, or a merged one)."""
+    """Check one ``[checkpoint]``-shaped config (ours, TorchTitan's merged one, or a role such
+    as ``[weight_sync]``): types, the backend name, shared bounds, then every backend table's
+    own bounds."""
     check_types(cfg, prefix)
     backend = getattr(cfg, "backend", "dcp")
-    from .backend import BackendNotFoundError, available_backends, get_backend_factory
-
     try:
-        get_backend_factory(backend)
+        backend_spec(backend)
     except BackendNotFoundError:
         raise ConfigError(
-            f"{prefix}.backend = {backend!r} is not a registered backend; allowed: "
-            f"{', '.join(available_backends())}"
+            f"{prefix}.backend = {backend!r} is not a registered backend; allowed: {', '.join(available_backends())}"
         ) from None
     if cfg.async_mode.lower() not in ASYNC_MODES:
         raise ConfigError(f"{prefix}.async_mode = {cfg.async_mode!r}; allowed: {', '.join(ASYNC_MODES)}")
@@ -136,23 +129,41 @@ def validate_checkpoint_config(cfg: Any, prefix: str = "checkpoint") -> None:
             f"{prefix}.initial_load_in_hf = true needs {prefix}.initial_load_model_only = true: "
             "a Hugging Face directory holds only model weights"
         )
-    mem = getattr(cfg, "memory", None)
-    if mem is not None:
-        if mem.bucket_size_mb < 1:
-            raise ConfigError(f"{prefix}.memory.bucket_size_mb = {mem.bucket_size_mb}; it must be >= 1")
-        if mem.keep_versions < 1:
-            raise ConfigError(f"{prefix}.memory.keep_versions = {mem.keep_versions}; it must be >= 1")
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", mem.channel):
-            raise ConfigError(
-                f"{prefix}.memory.channel = {mem.channel!r}; allowed: a non-empty name of letters, digits, '-', '_' "
-                "(it names shared-memory segments)"
-            )
-    dcp = getattr(cfg, "dcp", None)
-    if dcp is not None and dcp.thread_count < 1:
-        raise ConfigError(f"{prefix}.dcp.thread_count = {dcp.thread_count}; it must be >= 1")
-    hf = getattr(cfg, "hf", None)
-    if hf is not None and hf.max_shard_size_mb < 1:
-        raise ConfigError(f"{prefix}.hf.max_shard_size_mb = {hf.max_shard_size_mb}; it must be >= 1")
+    for f in fields(cfg):
+        table = getattr(cfg, f.name)
+        if isinstance(table, ValidatedOptions) and is_dataclass(table):
+            table.validate(f"{prefix}.{f.name}")
+
+
+def initial_load_reader(cfg: Any) -> str:
+    """The backend that reads ``initial_load_path``: TorchTitan's ``initial_load_in_hf`` picks
+    between a Hugging Face directory and a DCP step, whatever backend writes the new steps."""
+    return "hf" if cfg.initial_load_in_hf else "dcp"
+
+
+def backend_options(cfg: Any, name: str, prefix: str = "checkpoint") -> Any:
+    """The validated ``[<prefix>.<name>]`` table for backend ``name``: the one the config holds,
+    or the backend's defaults when the config predates the backend (a plugin installed after
+    the config class was built, a config TorchTitan merged without our module)."""
+    spec = backend_spec(name)
+    if spec.options is None:
+        return None
+    table = getattr(cfg, name, None) if name in {f.name for f in fields(cfg)} else None
+    if table is None:
+        table = spec.default_options()
+    elif not isinstance(table, spec.options):
+        raise ConfigError(
+            f"{prefix}.{name} is a {type(table).__name__}, but backend {name!r} reads a {spec.options.__name__} table"
+        )
+    return validated_options(table, f"{prefix}.{name}")
+
+
+def validated_options(table: Any, prefix: str) -> Any:
+    """A backend's options table, its types and then its own bounds checked."""
+    check_types(table, prefix)
+    if isinstance(table, ValidatedOptions):
+        table.validate(prefix)
+    return table
 
 
 def _type_ok(value: Any, tp: Any) -> tuple[bool, str]:
@@ -264,14 +275,15 @@ def merged_config_class(module_path: str) -> type:
     """TorchTitan's JobConfig merged with ``module_path``'s JobConfig, as ConfigManager does it."""
     import importlib
 
-    from torchtitan.config import ConfigManager
     from torchtitan.config import JobConfig as TitanJobConfig
+
+    from ._compat import merge_job_configs
 
     try:
         custom = importlib.import_module(module_path).JobConfig
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"job.custom_config_module = {module_path!r} cannot be imported: {e}") from None
-    return ConfigManager._merge_configs(TitanJobConfig, custom)
+    return merge_job_configs(TitanJobConfig, custom)
 
 
 def load_job_config(

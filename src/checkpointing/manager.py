@@ -2,27 +2,41 @@
 
 Interval, first-step and last-step saves, model-only exports in ``export_dtype``, retention
 (``keep_latest_k``), ``exclude_from_loading``, ``load_step``, initial loads (DCP or Hugging Face),
-seed checkpoints, ``load_only`` and async saves are decided here, for every backend. A backend
+seed checkpoints, ``load_only``, async saves, and how a load reaches its receiver (a copy into
+the module, adopting a lent snapshot, or a sink) are decided here, for every backend. A backend
 (:mod:`checkpointing.backend`) only moves one step's state in and out of storage.
 
-The RL generator uses this same class over just its model: ``load()`` pulls the newest step.
+The RL generator uses this same class over just its model, or over a :class:`TensorSink` (an
+engine that owns its weights, like vLLM): ``load()`` pulls the newest step.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 
-from .backend import Backend, BackendContext, StepState, create_backend
-from .config import CheckpointConfig, validate_checkpoint_config
-from .errors import AsyncSaveError, ConfigError, StepNotFoundError
+from . import _compat
+from .backend import (
+    Backend,
+    BackendContext,
+    Capabilities,
+    CleansPartials,
+    Lease,
+    ReadsExternal,
+    StepState,
+    ViewReader,
+    backend_spec,
+)
+from .config import backend_options, initial_load_reader, validate_checkpoint_config
+from .errors import AsyncSaveError, CheckpointError, ConfigError, StepNotFoundError
+from .receiver import TensorSink
 from .state import (
     DATALOADER,
     LR_SCHEDULER,
@@ -33,11 +47,31 @@ from .state import (
     apply_state,
     cast_tensors,
     plain_state,
+    tensor_bytes,
 )
+from .units import human_bytes
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class CheckpointStats:
+    """What the last save and load cost, and how the load reached its receiver."""
+
+    saves: int = 0
+    loads: int = 0
+    last_save_step: int = -1
+    last_save_seconds: float = 0.0
+    """Wall time of the last ``save`` call (for an async save: until the write was handed off)."""
+    last_save_bytes: int = 0
+    last_load_step: int = -1
+    last_load_seconds: float = 0.0
+    last_load_bytes: int = 0
+    last_load_path: str = ""
+    """``copy`` (into the receiver's tensors), ``adopt`` (the receiver now views the published
+    snapshot: no copy), ``sink`` (delivered to a TensorSink) or ``initial`` (initial_load_path)."""
 
 
 class Checkpointer:
@@ -46,7 +80,8 @@ class Checkpointer:
     Arguments follow TorchTitan 0.2.2's ``CheckpointManager``; all but ``model_parts`` and
     ``checkpoint_config`` may be None, so a generator builds one over just its model.
     ``sd_adapter`` is a TorchTitan state-dict adapter *instance* (needed by ``hf`` and by
-    ``initial_load_in_hf``).
+    ``initial_load_in_hf``). ``sink`` replaces ``model_parts`` for a receiver that is not an
+    ``nn.Module``; such a Checkpointer only loads.
     """
 
     def __init__(
@@ -60,14 +95,25 @@ class Checkpointer:
         sd_adapter: Any = None,
         base_folder: str = "",
         ft_manager: Any = None,
+        *,
+        sink: TensorSink | None = None,
     ) -> None:
-        if model_parts is None:
-            raise ConfigError("Checkpointer needs model_parts: the nn.Module(s) whose weights it saves/loads")
+        if (model_parts is None) == (sink is None):
+            raise ConfigError(
+                "Checkpointer needs exactly one receiver: model_parts (the nn.Module(s) whose weights it saves/loads) "
+                "or sink (a TensorSink that takes loaded tensors)"
+            )
+        if sink is not None and not isinstance(sink, TensorSink):
+            raise ConfigError(f"sink must implement checkpointing.TensorSink (specs, receive), got {type(sink).__name__}")
         if ft_manager is not None:
             raise ConfigError("torchft (ft_manager) is not supported by this Checkpointer")
-        self.config = checkpoint_config if checkpoint_config is not None else CheckpointConfig(enable=True)
+        if checkpoint_config is None:
+            from .config import CheckpointConfig
+
+            checkpoint_config = CheckpointConfig(enable=True)
+        self.config = checkpoint_config
         validate_checkpoint_config(self.config, "checkpoint")
-        self.backend_name: str = getattr(self.config, "backend", "dcp")
+        self.backend_name: str = self.config.backend
         self.enable: bool = self.config.enable
         self.load_only: bool = self.config.load_only
         self.folder = os.path.join(base_folder, self.config.folder)
@@ -75,24 +121,29 @@ class Checkpointer:
         self.export_dtype = _DTYPES[self.config.export_dtype]
         self.async_mode = self.config.async_mode.lower()
 
-        self.model = ModelState(model_parts)
+        self.sink = sink
+        self.model = ModelState(model_parts) if model_parts is not None else None
         self.states: dict[str, Any] = dict(states or {})
         for key, obj in ((OPTIMIZER, optimizers), (LR_SCHEDULER, lr_schedulers), (DATALOADER, dataloader)):
             if obj is not None:
                 self.states[key] = obj
         if MODEL in self.states:
             raise ConfigError(f"states may not use the reserved key {MODEL!r}")
+        if sink is not None and (self.states or not self.load_only):
+            raise ConfigError(
+                "a Checkpointer over a sink only loads model tensors: set checkpoint.load_only = true and give no "
+                f"other states (got {sorted(self.states)})"
+            )
         self._check_exclusions()
 
         self.loaded_step: int = -1
         """Step of the last successful load (the generator's policy version); -1 before any."""
-        self.last_save_seconds = 0.0
-        self.last_load_seconds = 0.0
+        self.stats = CheckpointStats()
         self._backend: Backend | None = None
+        self._lease: Lease | None = None
         self._pending: Future | None = None
         self._staging: Future | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
         self._closed = False
         if not self.enable:
             return
@@ -102,14 +153,13 @@ class Checkpointer:
         if self.states and not caps.non_tensor_state:
             raise ConfigError(
                 f"checkpoint.backend = {self.backend_name!r} holds model tensors only, but this Checkpointer "
-                f"also has {sorted(self.states)}; use a backend that keeps training state (dcp, hf) for "
-                "resumable checkpoints, or build this Checkpointer over the model alone"
+                f"also has {sorted(self.states)}; use a backend that keeps training state for resumable "
+                "checkpoints, or build this Checkpointer over the model alone"
             )
         if self.async_mode != "disabled":
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-async")
-        cleanup = getattr(self._backend, "cleanup_partials", None)
-        if cleanup and not self.load_only:
-            cleanup()
+        if isinstance(self._backend, CleansPartials) and not self.load_only:
+            self._backend.cleanup_partials()
 
     # ------------------------------------------------------------------ construction helpers
     def _check_exclusions(self) -> None:
@@ -134,11 +184,18 @@ class Checkpointer:
             return dist.new_group(backend="gloo")
         return None
 
-    def _build_backend(self, name: str, folder: str) -> Backend:
+    def _build_backend(self, name: str, folder: str, load_only: bool | None = None) -> Backend:
+        spec = backend_spec(name)
         ctx = BackendContext(
-            folder=folder, config=self.config, sd_adapter=self.sd_adapter, process_group=self._process_group
+            folder=folder,
+            options=backend_options(self.config, name),
+            verify=self.config.verify,
+            sd_adapter=self.sd_adapter,
+            process_group=self._process_group,
+            load_only=self.load_only if load_only is None else load_only,
+            name=name,
         )
-        return create_backend(name, ctx)
+        return spec.factory(ctx)
 
     @property
     def backend(self) -> Backend:
@@ -146,30 +203,41 @@ class Checkpointer:
             raise ConfigError("checkpointing is disabled (checkpoint.enable = false)")
         return self._backend
 
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the configured backend promises (persistent, training state, cross-process)."""
+        return self.backend.capabilities
+
     # ------------------------------------------------------------------ state assembly
+    def _module(self) -> ModelState:
+        if self.model is None:
+            raise ConfigError("this Checkpointer delivers into a sink; it has no model to save")
+        return self.model
+
     def _full_state(self) -> StepState:
         return StepState(
-            model=dict(self.model.state_dict()),
+            model=dict(self._module().state_dict()),
             extras={k: plain_state(v) for k, v in self.states.items()},
         )
 
     def _model_only_state(self, dtype: torch.dtype | None = None) -> StepState:
-        model = dict(self.model.state_dict())
+        model = dict(self._module().state_dict())
         if dtype is not None and dtype != torch.float32:
             model = cast_tensors(model, dtype)
         return StepState(model=model)
 
     def _state_to_load(self, model_only: bool) -> StepState:
+        model_state = self._module()
         if model_only:
-            return StepState(model=dict(self.model.state_dict()))
+            return StepState(model=dict(model_state.state_dict()))
         excluded = set(self.config.exclude_from_loading)
-        model = {} if MODEL in excluded else dict(self.model.state_dict())
+        model = {} if MODEL in excluded else dict(model_state.state_dict())
         extras = {k: plain_state(v) for k, v in self.states.items() if k not in excluded}
         return StepState(model=model, extras=extras)
 
     def _apply(self, state: StepState) -> None:
         if state.model:
-            self.model.load_state_dict(state.model)
+            self._module().load_state_dict(state.model)
         for key, loaded in state.extras.items():
             self.states[key] = apply_state(self.states[key], loaded)
 
@@ -199,19 +267,27 @@ class Checkpointer:
         else:
             state = self._full_state()
         if self.async_mode == "disabled" or last_step:
-            self._write_and_purge(curr_step, state)
+            self._write_and_purge(curr_step, state, begin)
         else:
             self._save_async(curr_step, state)
-        self.last_save_seconds = time.monotonic() - begin
+        self.stats.last_save_seconds = time.monotonic() - begin
 
     def create_seed_checkpoint(self) -> None:
         """Step 0, model only, full precision: what ``checkpoint.create_seed_checkpoint`` asks for."""
         self._raise_if_closed()
         self._wait_pending()
-        self._write_and_purge(0, self._model_only_state())
+        self._write_and_purge(0, self._model_only_state(), time.monotonic())
 
-    def _write_and_purge(self, step: int, state: StepState) -> None:
+    def _write_and_purge(self, step: int, state: StepState, begin: float) -> None:
         self.backend.write(step, state)
+        nbytes = tensor_bytes(state.flat())
+        seconds = time.monotonic() - begin
+        self.stats.saves += 1
+        self.stats.last_save_step, self.stats.last_save_bytes = step, nbytes
+        log.info(
+            "Finished saving the checkpoint step %d (backend %s, %s) in %.2f seconds, %s.",
+            step, self.backend_name, self.backend.location, seconds, human_bytes(nbytes),
+        )
         self._purge_stale()
 
     def _purge_stale(self) -> None:
@@ -222,17 +298,24 @@ class Checkpointer:
         for step in steps[:-k]:  # the newest k, the newest included, always stay
             self.backend.delete(step)
 
+    def clear(self) -> None:
+        """Forget every committed step (a weight-sync channel or folder left by an earlier,
+        possibly killed, run whose steps may be newer than the one training resumes from)."""
+        self._raise_if_closed()
+        self._wait_pending()
+        for step in self.backend.steps():
+            self.backend.delete(step)
+
     def _save_async(self, step: int, state: StepState) -> None:
         """Stage to CPU (pinned with async_with_pinned_mem), then write in the background."""
-        from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
-
         pin = self.async_mode == "async_with_pinned_mem" and torch.cuda.is_available()
         flat = state.flat()
-        staged_flat = _create_cpu_state_dict(flat, pin_memory=pin)
+        staged_flat = _compat.cpu_state_dict_like(flat, pin_memory=pin)
         model_keys = set(state.model)
+        begin = time.monotonic()
 
         def stage() -> StepState:
-            _copy_state_dict(flat, staged_flat, non_blocking=pin)
+            _compat.copy_state_dict(flat, staged_flat, non_blocking=pin)
             if pin:
                 torch.cuda.synchronize()
             return StepState(
@@ -244,10 +327,10 @@ class Checkpointer:
         if self.async_mode == "async_with_pinned_mem":
             staging = self._executor.submit(stage)
             self._staging = staging
-            self._pending = self._executor.submit(lambda: self._write_and_purge(step, staging.result()))
+            self._pending = self._executor.submit(lambda: self._write_and_purge(step, staging.result(), begin))
         else:
             staged = stage()
-            self._pending = self._executor.submit(self._write_and_purge, step, staged)
+            self._pending = self._executor.submit(self._write_and_purge, step, staged, begin)
 
     def maybe_wait_for_staging(self) -> None:
         """Block until the in-flight save no longer reads the live tensors (safe to step the
@@ -290,23 +373,35 @@ class Checkpointer:
         steps = self.backend.steps()
         if not steps:
             if requested != -1:
-                raise StepNotFoundError(f"checkpoint.load_step = {requested}, but {self.folder} has no committed steps")
+                raise StepNotFoundError(
+                    f"checkpoint.load_step = {requested}, but {self.backend.location} has no committed steps"
+                )
             loaded = self._initial_load()
         else:
             loaded = self._load_step(requested, steps)
         if loaded:
-            self.last_load_seconds = time.monotonic() - begin
+            self._record_load(time.monotonic() - begin)
         return loaded
+
+    def _record_load(self, seconds: float) -> None:
+        stats = self.stats
+        stats.loads += 1
+        stats.last_load_seconds, stats.last_load_step = seconds, self.loaded_step
+        log.info(
+            "Finished loading the checkpoint step %d (backend %s, %s, %s) in %.2f seconds, %s.",
+            self.loaded_step, self.backend_name, self.backend.location, stats.last_load_path, seconds,
+            human_bytes(stats.last_load_bytes),
+        )
 
     def _load_step(self, requested: int, steps: list[int]) -> bool:
         for attempt in range(3):
             target = steps[-1] if requested == -1 else requested
             if target not in steps:
-                where = getattr(self.backend, "location", self.folder)
-                raise StepNotFoundError(f"step {target} is not a committed checkpoint in {where}; committed steps: {steps}")
-            state = self._state_to_load(model_only=target == 0)
+                raise StepNotFoundError(
+                    f"step {target} is not a committed checkpoint in {self.backend.location}; committed steps: {steps}"
+                )
             try:
-                self.backend.read(target, state)
+                self._read_step(target)
             except StepNotFoundError:
                 # The newest step was retired between listing and reading (a fast publisher):
                 # list again and take the new newest. A named step is an error.
@@ -314,27 +409,120 @@ class Checkpointer:
                 if not steps:
                     raise
                 continue
-            self._apply(state)
             self.loaded_step = target
             return True
         return False  # pragma: no cover
 
+    def _read_step(self, step: int) -> None:
+        """One committed step into the receiver, by the cheapest path that keeps every promise."""
+        if self.sink is not None:
+            self._deliver_to_sink(step)
+        elif self._can_adopt(step):
+            self._adopt(step)
+        else:
+            state = self._state_to_load(model_only=step == 0)
+            self.backend.read(step, state)
+            self._apply(state)
+            self.stats.last_load_path, self.stats.last_load_bytes = "copy", tensor_bytes(state.flat())
+
+    # -- into a sink
+    def _deliver_to_sink(self, step: int) -> None:
+        assert self.sink is not None
+        specs = dict(self.sink.specs())
+        if isinstance(self.backend, ViewReader):
+            lease = self.backend.open_views(step, specs)
+            try:
+                self._hand_to_sink(step, lease.tensors)
+            finally:
+                lease.release()
+        else:
+            # A file backend reads into fresh tensors shaped by the specs (one transient copy,
+            # freed when the sink has taken them): the backend's own checks run before any
+            # byte reaches the sink.
+            staged = {k: torch.empty(s.shape, dtype=s.dtype) for k, s in specs.items()}
+            self.backend.read(step, StepState(model=staged))
+            self._hand_to_sink(step, staged)
+        self.stats.last_load_path = "sink"
+        self.stats.last_load_bytes = sum(s.nbytes for s in specs.values())
+
+    def _hand_to_sink(self, step: int, tensors: Any) -> None:
+        assert self.sink is not None
+        try:
+            self.sink.receive(step, tensors.items())
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{type(self.sink).__name__}.receive failed on step {step}: {e!r}") from e
+
+    # -- adopting a lent snapshot
+    def _can_adopt(self, step: int) -> bool:
+        """Only a pure reader adopts: a trainer that adopted would train *into* the snapshot."""
+        return (
+            step != 0
+            and self.load_only
+            and self.config.load_mode == "auto"
+            and not self.states
+            and MODEL not in self.config.exclude_from_loading
+            and isinstance(self.backend, ViewReader)
+            and self._module().adoptable
+        )
+
+    def _adopt(self, step: int) -> None:
+        model = self._module()
+        lease = self.backend.open_views(step, model.specs())  # type: ignore[attr-defined]
+        try:
+            adopted = model.adopt(lease.tensors)
+            if not adopted:
+                model.copy_from(lease.tensors)
+        except BaseException:
+            lease.release()
+            raise
+        if adopted:
+            previous, self._lease = self._lease, lease
+            if previous is not None:
+                previous.release()
+        else:
+            lease.release()
+        self.stats.last_load_path = "adopt" if adopted else "copy"
+        self.stats.last_load_bytes = sum(s.nbytes for s in model.specs().values())
+
+    def _release_lease(self) -> None:
+        """Give the receiver its own copy of adopted weights, then let the publisher reuse the
+        snapshot: nothing the receiver holds may point into a buffer that goes away."""
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            try:
+                if self.model is not None:
+                    self.model.own_weights()
+            finally:
+                lease.release()
+
+    # -- initial load
     def _initial_load(self) -> bool:
         path = self.config.initial_load_path
         if not path:
             return False
         if not os.path.isdir(path):
             raise ConfigError(f"checkpoint.initial_load_path = {path!r} is not a directory")
-        reader_name = "hf" if self.config.initial_load_in_hf else "dcp"
-        reader = self._build_backend(reader_name, os.path.dirname(os.path.abspath(path)))
+        reader_name = initial_load_reader(self.config)
+        reader = self._build_backend(reader_name, os.path.dirname(os.path.abspath(path)), load_only=True)
         try:
-            if not hasattr(reader, "read_path"):
+            if not isinstance(reader, ReadsExternal):
                 raise ConfigError(f"backend {reader_name!r} cannot read an initial_load_path")
-            state = self._state_to_load(model_only=self.config.initial_load_model_only)
-            reader.read_path(path, state)  # type: ignore[attr-defined]
-            self._apply(state)
+            if self.sink is not None:
+                specs = dict(self.sink.specs())
+                staged = {k: torch.empty(s.shape, dtype=s.dtype) for k, s in specs.items()}
+                reader.read_path(path, StepState(model=staged))
+                self._hand_to_sink(-1, staged)
+                nbytes = tensor_bytes(staged)
+            else:
+                state = self._state_to_load(model_only=self.config.initial_load_model_only)
+                reader.read_path(path, state)
+                self._apply(state)
+                nbytes = tensor_bytes(state.flat())
         finally:
             reader.close()
+        self.stats.last_load_path, self.stats.last_load_bytes = "initial", nbytes
         log.info("loaded initial checkpoint from %s (%s)", path, reader_name)
         return True
 
@@ -360,8 +548,11 @@ class Checkpointer:
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
-            if self._backend is not None:
-                self._backend.close()
+            try:
+                self._release_lease()
+            finally:
+                if self._backend is not None:
+                    self._backend.close()
 
     def __enter__(self) -> "Checkpointer":
         return self

@@ -7,7 +7,7 @@ beside it under their own keys.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -16,6 +16,9 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     set_model_state_dict,
 )
+
+from .distributed import is_dtensor
+from .receiver import TensorSpec, specs_of
 
 MODEL = "model"
 OPTIMIZER = "optimizer"
@@ -37,6 +40,7 @@ class ModelState:
         if not self.parts:
             raise ValueError("model_parts is empty: give the Checkpointer at least one nn.Module")
         self._sd = self._collect()
+        self._slots = self._weight_slots()
 
     def _collect(self) -> dict[str, Any]:
         return {k: v for part in self.parts for k, v in get_model_state_dict(part).items()}
@@ -49,6 +53,61 @@ class ModelState:
             return  # loaded in place into the parameters themselves
         for part in self.parts:
             set_model_state_dict(part, state_dict, options=StateDictOptions(strict=False))
+        self._sd = self._collect()
+
+    # -- adopting tensors instead of copying into them
+    def specs(self) -> dict[str, TensorSpec]:
+        return specs_of(self._sd)
+
+    def _weight_slots(self) -> dict[str, tuple[nn.Module, str]] | None:
+        """State-dict key -> (module, attribute) of the parameter or buffer behind it; None
+        when some key has no such slot (a wrapped or sharded model), which rules adoption out."""
+        slots: dict[str, tuple[nn.Module, str]] = {}
+        for part in self.parts:
+            named = [*part.named_parameters(remove_duplicate=False), *part.named_buffers(remove_duplicate=False)]
+            for fqn, _ in named:
+                owner, _, attr = fqn.rpartition(".")
+                slots[fqn] = (part.get_submodule(owner) if owner else part, attr)
+        if any(k not in slots or is_dtensor(v) for k, v in self._sd.items()):
+            return None
+        return {k: slots[k] for k in self._sd}
+
+    @property
+    def adoptable(self) -> bool:
+        """Every weight is a plain tensor in a slot the module lets us re-point."""
+        return self._slots is not None
+
+    def adopt(self, tensors: Mapping[str, torch.Tensor]) -> bool:
+        """Make the module's weights *be* ``tensors`` (views of a published snapshot): no copy.
+        Refused (False, nothing changed) unless every tensor matches its weight's shape, dtype
+        and device exactly; parameters stay the same objects, so optimizers and hooks that
+        hold them keep working."""
+        if self._slots is None or set(tensors) != set(self._sd):
+            return False
+        for key, current in self._sd.items():
+            new = tensors[key]
+            if new.shape != current.shape or new.dtype != current.dtype or new.device != current.device:
+                return False
+        self._repoint({k: tensors[k] for k in self._sd})
+        return True
+
+    def copy_from(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        for key, target in self._sd.items():
+            target.copy_(tensors[key])
+
+    def own_weights(self) -> None:
+        """Give adopted weights storage of their own (before the snapshot they view goes away)."""
+        if self._slots is not None:
+            self._repoint({k: v.clone() for k, v in self._sd.items()})
+
+    def _repoint(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        assert self._slots is not None
+        for key, (module, attr) in self._slots.items():
+            current = getattr(module, attr)
+            if isinstance(current, nn.Parameter):
+                current.data = tensors[key]
+            else:
+                setattr(module, attr, tensors[key])
         self._sd = self._collect()
 
 
@@ -68,3 +127,14 @@ def apply_state(obj: Any, loaded: Any) -> Any:
 def cast_tensors(state: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     """Floating tensors to ``dtype`` (an export), everything else untouched."""
     return {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in state.items()}
+
+
+def tensor_bytes(state: Any) -> int:
+    """Bytes of every tensor in a (nested) state dict; a DTensor counts its global size."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(tensor_bytes(v) for v in state)
+    return 0

@@ -77,7 +77,7 @@ def exact_fraction(rewards: torch.Tensor) -> float:
 
 
 def check_process_mode(cfg: Any, trainer: PolicyTrainer) -> None:
-    caps = trainer.publisher.backend.capabilities
+    caps = trainer.publisher.capabilities
     if cfg.rl.process_mode == "separate" and not caps.cross_process:
         raise ConfigError(
             f"rl.process_mode = 'separate', but weight_sync.backend = {cfg.weight_sync.backend!r} as configured "

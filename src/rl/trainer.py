@@ -85,9 +85,7 @@ class PolicyTrainer:
     def clear_handoff(self) -> None:
         """Drop handoff steps left by an earlier (possibly killed) run: they may be *newer* than
         the step we resume from, and a generator must never pull them."""
-        backend = self.publisher.backend
-        for step in backend.steps():
-            backend.delete(step)
+        self.publisher.clear()
 
     def publish(self, step: int, force: bool = False) -> float:
         """``save(step)`` on the weight-sync Checkpointer; returns seconds. The interval decides

@@ -9,7 +9,7 @@ import importlib.util
 import pytest
 
 from checkpointing import CheckpointConfig, available_backends
-from checkpointing.config import MemoryOptions
+from checkpointing.backends.memory import MemoryOptions
 
 # keep_versions = 4: the memory backend holds only that many versions (its slots), and the contract
 # tests watch the manager's interval/retention policy over up to four steps.

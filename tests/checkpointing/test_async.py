@@ -176,8 +176,9 @@ def gated_backend():
     """A real DCP backend whose writes wait for a gate: lets a test hold a save in flight."""
     import threading
 
-    from checkpointing import backend as registry
-    from checkpointing.backends.dcp import DCPBackend
+    from checkpointing import BackendSpec, register_backend
+    from checkpointing.backend import unregister_backend
+    from checkpointing.backends.dcp import DCPBackend, DCPOptions
 
     gate = threading.Event()
 
@@ -186,10 +187,10 @@ def gated_backend():
             assert gate.wait(timeout=60), "gate never opened"
             super().write(step, state)
 
-    registry.register_backend("_gated_dcp", GatedDCP, replace=True)
+    register_backend(BackendSpec("_gated_dcp", GatedDCP, GatedDCP.capabilities, DCPOptions), replace=True)
     yield gate
     gate.set()
-    registry._registry.pop("_gated_dcp", None)
+    unregister_backend("_gated_dcp")
 
 
 def test_steps_between_intervals_do_not_wait_for_the_write_in_flight(tmp_path, gated_backend):

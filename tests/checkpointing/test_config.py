@@ -10,7 +10,8 @@ import textwrap
 import pytest
 
 from checkpointing import BackendNotFoundError, Checkpointer, CheckpointConfig, ConfigError, load_job_config
-from checkpointing.config import DCPOptions, MemoryOptions
+from checkpointing.backends.dcp import DCPOptions
+from checkpointing.backends.memory import MemoryOptions
 from tests.helpers import build_titan_model
 
 JOB = """
@@ -170,7 +171,8 @@ def test_unknown_override_key_is_named(job_file):
         ("[checkpoint]\nexclude_from_loading = 'optimizer'\n", r"checkpoint.exclude_from_loading.*a list of str"),
         ("[checkpoint]\nmemory = 3\n", r"checkpoint.memory .*must be a table"),
         ("[checkpoint]\nkeep_latest_k = 1\n", r"checkpoint.keep_latest_k = 1; allowed: 0 .* or >= 2"),
-        ("[checkpoint.dcp]\nthread_count = 0\n", r"checkpoint.dcp.thread_count = 0; it must be >= 1"),
+        ("[checkpoint.dcp]\nthread_count = 0\n", r"checkpoint.dcp.thread_count = 0; allowed: 1 to 64"),
+        ("[checkpoint.dcp]\nthread_count = 300\n", r"checkpoint.dcp.thread_count = 300; allowed: 1 to 64"),
         ("[checkpoint.memory]\nchannel = '../x'\n", r"checkpoint.memory.channel = '../x'; allowed: .*letters"),
     ],
 )

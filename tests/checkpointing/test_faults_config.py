@@ -11,7 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from checkpointing import CheckpointConfig, ConfigError, load_job_config
-from checkpointing.config import DCPOptions, HFOptions, MemoryOptions
+from checkpointing.backends.dcp import DCPOptions
+from checkpointing.backends.hf import HFOptions
+from checkpointing.backends.memory import MemoryOptions
 from tests.checkpointing.faults.config_space import (
     SPEC,
     checkpoint_toml,

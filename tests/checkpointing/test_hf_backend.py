@@ -16,7 +16,7 @@ import torch
 
 from checkpointing import Checkpointer, CheckpointConfig, StateMismatchError
 from checkpointing.backends.hf.directory import HFDirectory, plan_shards
-from checkpointing.config import HFOptions
+from checkpointing.backends.hf import HFOptions
 from tests.helpers import TrainState, assert_state_equal, build_titan_model, build_training_parts, train_steps
 
 

@@ -31,8 +31,8 @@ def _install_dist_info(site: Path) -> None:
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: titan-toy-backend\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(
         "[titan_checkpointing.backends]\n"
-        "_toy = titan_toy_backend:ToyBackend\n"
-        "_broken = titan_toy_backend_missing_module:Backend\n"
+        "_toy = titan_toy_backend:SPEC\n"
+        "_broken = titan_toy_backend_missing_module:SPEC\n"
     )
 
 

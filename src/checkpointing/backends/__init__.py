@@ -1,18 +1,12 @@
-"""Built-in backends, registered by name. Each lives in its own module; importing one is cheap."""
+"""Built-in backends: one module (or small package) each, declaring a ``SPEC``.
 
-from ..backend import register_backend
+They are registered exactly like plugins, by reference (``module:SPEC``), so importing this
+package imports none of them: a backend's module (and its torch imports) loads when it is first
+selected, listed with its options, or parsed from a config.
+"""
 
-
-def _lazy(module: str, cls: str):
-    def factory(ctx):
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{module}"), cls)(ctx)
-
-    factory.__qualname__ = f"{module}.{cls}"
-    return factory
-
-
-register_backend("dcp", _lazy("dcp", "DCPBackend"), replace=True)
-register_backend("hf", _lazy("hf", "HFBackend"), replace=True)
-register_backend("memory", _lazy("memory", "MemoryBackend"), replace=True)
+BUILTIN_SPECS = {
+    "dcp": "checkpointing.backends.dcp:SPEC",
+    "hf": "checkpointing.backends.hf:SPEC",
+    "memory": "checkpointing.backends.memory:SPEC",
+}

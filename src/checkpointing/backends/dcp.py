@@ -15,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -23,12 +24,36 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from ..backend import BackendContext, Capabilities, StepState
-from ..commit import StepDirectory, StoredSteps
+from .._compat import flatten_state_dict
+from ..backend import BackendContext, BackendSpec, Capabilities, StepState
+from ..commit import StepDirectory, StoredSteps, commit_directory, staged_directory, step_of
+from ..distributed import world_size
 from ..errors import CheckpointError, ConfigError, CorruptCheckpointError, StateMismatchError
 from .dcp_reader import DCP_METADATA, SafeFileSystemReader, SafeLoadPlanner, read_metadata
 
-__all__ = ["DCPBackend", "DCP_METADATA", "SafeFileSystemReader", "SafeLoadPlanner", "read_metadata", "check_fits"]
+__all__ = [
+    "DCPBackend", "DCPOptions", "SPEC", "DCP_METADATA", "SafeFileSystemReader", "SafeLoadPlanner", "read_metadata",
+    "check_fits", "write_dcp_dir", "read_dcp_dir",
+]
+
+MAX_THREADS = 64
+
+
+@dataclass
+class DCPOptions:
+    """``[checkpoint.dcp]``: torch.distributed.checkpoint on disk."""
+
+    thread_count: int = 1
+    """Writer threads per rank (FileSystemWriter ``thread_count``); each writes its own file."""
+    single_file_per_rank: bool = True
+    """One ``__R_0.distcp`` file per rank (per writer thread), as TorchTitan writes them."""
+
+    def validate(self, prefix: str) -> None:
+        if not 1 <= self.thread_count <= MAX_THREADS:
+            raise ConfigError(
+                f"{prefix}.thread_count = {self.thread_count}; allowed: 1 to {MAX_THREADS} "
+                "(each thread writes its own file; more than the disk's queue depth only adds files)"
+            )
 
 
 _crc32_lock = threading.Lock()
@@ -74,9 +99,7 @@ def first_failure(error: BaseException) -> BaseException:
 def check_fits(metadata, flat: dict[str, Any], source: str) -> None:
     """Compare the checkpoint's tensors with the receiver's *before* reading any data, so a
     mismatch leaves the receiver untouched and names every offending key."""
-    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-
-    flattened, _ = flatten_state_dict(flat)
+    flattened = flatten_state_dict(flat)
     stored = metadata.state_dict_metadata
     missing = sorted(k for k in flattened if k not in stored)
     problems = []
@@ -107,43 +130,94 @@ def not_a_step_dir_message(path: str) -> str:
     )
 
 
+def write_dcp_dir(path: str, flat: dict[str, Any], options: DCPOptions, process_group: Any = None) -> None:
+    """Write ``flat`` as DCP files into ``path`` (a staging directory the caller commits): a
+    ``dcp`` step, or the training-state sidecar of an ``hf`` step."""
+    writer = FileSystemWriter(
+        path,
+        single_file_per_rank=options.single_file_per_rank,
+        thread_count=options.thread_count,
+        # One process: the commit fsyncs every file itself, overlapped with the checksums.
+        # Several ranks: each flushes its own files (on a network filesystem another
+        # process's fsync does not flush this client's cache).
+        sync_files=world_size(process_group) > 1,
+    )
+    try:
+        with zip_record_crc32_off():
+            dcp.save(flat, storage_writer=writer, process_group=process_group)
+    except CheckpointException as e:
+        first = first_failure(e)
+        raise CheckpointError(f"writing DCP checkpoint {path} failed: {first!r}") from first
+
+
+def describe_dcp_dir(path: str) -> list[dict[str, Any]]:
+    """One row per stored entry (name, dtype, shape, bytes) from the safely parsed metadata."""
+    rows = []
+    for key, md in sorted(read_metadata(path).state_dict_metadata.items()):
+        if isinstance(md, TensorStorageMetadata):
+            numel = 1
+            for d in md.size:
+                numel *= d
+            dtype = md.properties.dtype
+            rows.append({"name": key, "dtype": str(dtype).replace("torch.", ""), "shape": list(md.size),
+                         "bytes": numel * dtype.itemsize})
+        else:
+            rows.append({"name": key, "dtype": "object", "shape": None, "bytes": 0})
+    return rows
+
+
+def check_dcp_structure(path: str) -> int:
+    """Every byte range the (safely parsed) metadata names lies inside an existing file;
+    returns the number of data files."""
+    from ..safepath import safe_join
+
+    sizes: dict[str, int] = {}
+    for info in (read_metadata(path).storage_data or {}).values():
+        rel = os.fspath(getattr(info, "relative_path", ""))
+        file = safe_join(path, rel)
+        if rel not in sizes:
+            if not os.path.isfile(file):
+                raise CorruptCheckpointError(f"DCP data file missing: {file}", file)
+            sizes[rel] = os.path.getsize(file)
+        end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
+        if end > sizes[rel]:
+            raise CorruptCheckpointError(f"{file} has {sizes[rel]} bytes, the metadata reads up to byte {end} (truncated)", file)
+    return len(sizes)
+
+
 class DCPBackend(StoredSteps):
     capabilities = Capabilities(persistent=True, non_tensor_state=True, cross_process=True)
 
     def __init__(self, ctx: BackendContext):
         self.ctx = ctx
-        self.options = ctx.options("dcp")
-        self.verify_mode = getattr(ctx.config, "verify", "checksum")
-        self.store = StepDirectory(ctx.folder, "dcp", foreign_marker=DCP_METADATA, process_group=ctx.process_group)
+        self.options: DCPOptions = ctx.options or DCPOptions()
+        self.verify_mode = ctx.verify
+        self.store = StepDirectory(ctx.folder, ctx.name or "dcp", foreign_marker=DCP_METADATA, process_group=ctx.process_group)
 
     # -- writing
     def write(self, step: int, state: StepState) -> None:
         with self.store.stage(step) as staging:
-            self.write_dir(staging, state.flat())
+            write_dcp_dir(staging, state.flat(), self.options, self.ctx.process_group)
 
-    def write_dir(self, path: str, flat: dict[str, Any]) -> None:
-        writer = FileSystemWriter(
-            path,
-            single_file_per_rank=getattr(self.options, "single_file_per_rank", True),
-            thread_count=getattr(self.options, "thread_count", 1),
-            # One process: the commit fsyncs every file itself, overlapped with the checksums.
-            # Several ranks: each flushes its own files (on a network filesystem another
-            # process's fsync does not flush this client's cache).
-            sync_files=self._world_size() > 1,
-        )
-        try:
-            with zip_record_crc32_off():
-                dcp.save(flat, storage_writer=writer, process_group=self.ctx.process_group)
-        except CheckpointException as e:
-            first = first_failure(e)
-            raise CheckpointError(f"writing DCP checkpoint {path} failed: {first!r}") from first
+    def write_path(self, path: str, state: StepState, progress: Callable[[int], None] | None = None) -> None:
+        """A new DCP step directory outside the folder (``ckpt convert --to dcp``), committed
+        like a step: staged, sealed with a manifest, one rename."""
+        flat = state.flat()
+        with staged_directory(path) as staging:
+            write_dcp_dir(staging, flat, self.options, self.ctx.process_group)
+            commit_directory(staging, path, step_of(path), self.ctx.name or "dcp")
+        if progress is not None:
+            progress(sum(v.numel() * v.element_size() for v in flat.values() if isinstance(v, torch.Tensor)))
 
-    def _world_size(self) -> int:
-        import torch.distributed as dist
+    # -- inspecting (ckpt)
+    def recognizes(self, path: str) -> bool:
+        return os.path.isfile(os.path.join(path, DCP_METADATA))
 
-        if not (dist.is_available() and dist.is_initialized()):
-            return 1
-        return dist.get_world_size(self.ctx.process_group)
+    def describe(self, path: str) -> dict[str, Any]:
+        return {"tensors": describe_dcp_dir(path)}
+
+    def check_structure(self, path: str) -> str:
+        return f"{check_dcp_structure(path)} data file(s) cover every stored entry"
 
     # -- reading
     def read(self, step: int, state: StepState) -> None:
@@ -174,3 +248,12 @@ class DCPBackend(StoredSteps):
             raise CorruptCheckpointError(f"reading DCP checkpoint {path} failed: {first!r}", path) from first
         for key in state.extras:
             state.extras[key] = flat[key]
+
+
+SPEC = BackendSpec(
+    name="dcp",
+    factory=DCPBackend,
+    capabilities=DCPBackend.capabilities,
+    options=DCPOptions,
+    summary="torch.distributed.checkpoint step directories, TorchTitan's layout; resharding N -> M ranks",
+)

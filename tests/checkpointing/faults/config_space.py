@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from hypothesis import strategies as st
 
-CHANNEL_ALLOWED = re.compile(r"[A-Za-z0-9_-]+")
+CHANNEL_ALLOWED = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -64,18 +64,19 @@ SPEC: dict[str, KeySpec] = {
     "load_only": BOOL,
     "backend": KeySpec("enum", allowed=None),  # allowed: whatever is registered, read at run time
     "verify": ENUM("checksum", "size", "off"),
+    "load_mode": ENUM("auto", "copy"),
     "dcp": TABLE,
-    "dcp.thread_count": INT(lambda v: v >= 1),
+    "dcp.thread_count": INT(lambda v: 1 <= v <= 64),
     "dcp.single_file_per_rank": BOOL,
     "hf": TABLE,
-    "hf.max_shard_size_mb": INT(lambda v: v >= 1),
+    "hf.max_shard_size_mb": INT(lambda v: 1 <= v <= 1 << 20),
     "hf.save_extras": BOOL,
     "memory": TABLE,
     "memory.transport": ENUM("local", "shm"),
     "memory.channel": KeySpec("channel"),
     "memory.bucket_size_mb": INT(lambda v: v >= 1),
     "memory.dtype": ENUM("auto", "float32", "bfloat16", "float16"),
-    "memory.keep_versions": INT(lambda v: v >= 1),
+    "memory.keep_versions": INT(lambda v: 1 <= v <= 64),
     "memory.verify_data": BOOL,
 }
 

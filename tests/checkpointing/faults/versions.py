@@ -65,16 +65,9 @@ def train_state_for(version: int) -> TrainState:
 
 def holds_training_state(case: str, channel: str) -> bool:
     """Whether the backend keeps non-tensor state (asked of the backend, not of its name)."""
-    from checkpointing.backend import backend_capabilities
+    from checkpointing import backend_spec
 
-    caps = backend_capabilities(make_config(case, channel).backend)
-    if caps is not None:
-        return caps.non_tensor_state
-    probe = Checkpointer(model_parts=[torch.nn.Linear(1, 1)], checkpoint_config=make_config(case, channel + "probe"))
-    try:
-        return probe.backend.capabilities.non_tensor_state
-    finally:
-        probe.close()
+    return backend_spec(make_config(case, channel).backend).capabilities.non_tensor_state
 
 
 def titan_adapter(model):

@@ -12,22 +12,42 @@ import os
 
 import torch
 
-from checkpointing import Capabilities, StateMismatchError, StepState
+from dataclasses import dataclass
+
+from checkpointing import BackendSpec, Capabilities, ConfigError, StateMismatchError, StepState
 from checkpointing.commit import StepDirectory
 
 STATE_FILE = "state.pt"
+
+
+@dataclass
+class ToyOptions:
+    """``[checkpoint._toy]``: the toy plugin's own table."""
+
+    protocol: int = 2
+    """Pickle protocol for ``torch.save``."""
+
+    def validate(self, prefix: str) -> None:
+        if not 2 <= self.protocol <= 5:
+            raise ConfigError(f"{prefix}.protocol = {self.protocol}; allowed: 2 to 5")
 
 
 class ToyBackend:
     capabilities = Capabilities(persistent=True, non_tensor_state=True)
 
     def __init__(self, ctx):
-        self.store = StepDirectory(ctx.folder, "_toy")
-        self.verify_mode = getattr(ctx.config, "verify", "checksum")
+        self.store = StepDirectory(ctx.folder, ctx.name)
+        self.verify_mode = ctx.verify
+        self.options: ToyOptions = ctx.options
+        self.location = ctx.folder
 
     def write(self, step: int, state: StepState) -> None:
         with self.store.stage(step) as staging:
-            torch.save({"model": state.model, "extras": state.extras}, os.path.join(staging, STATE_FILE))
+            torch.save(
+                {"model": state.model, "extras": state.extras},
+                os.path.join(staging, STATE_FILE),
+                pickle_protocol=self.options.protocol,
+            )
 
     def read(self, step: int, state: StepState) -> None:
         path = self.store.committed_path(step)
@@ -50,3 +70,6 @@ class ToyBackend:
 
     def close(self) -> None:
         pass
+
+
+SPEC = BackendSpec("_toy", ToyBackend, ToyBackend.capabilities, ToyOptions, "a test plugin: one torch.save file per step")

@@ -1,5 +1,5 @@
 """The Hugging Face safetensors backend (``backend = "hf"``); see :mod:`.backend`."""
 
-from .backend import HFBackend
+from .backend import SPEC, HFBackend, HFOptions
 
-__all__ = ["HFBackend"]
+__all__ = ["HFBackend", "HFOptions", "SPEC"]

@@ -16,18 +16,42 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from dataclasses import dataclass
 
-from ...backend import BackendContext, Capabilities, StepState
-from ...commit import MANIFEST, StepDirectory, StoredSteps
-from ...config import HFOptions
+from ...backend import BackendContext, BackendSpec, Capabilities, StepState
+from typing import Any, Callable
+
+from ...commit import MANIFEST, StepDirectory, StoredSteps, commit_directory, staged_directory, step_of
 from ...errors import ConfigError, UnsafeCheckpointError
+from ..dcp import DCPOptions, check_dcp_structure, describe_dcp_dir, write_dcp_dir
 from ...safepath import check_no_escaping_links
 from .directory import INDEX, SINGLE_FILE, HFDirectory, is_hf_dir
 from .model_writer import write_model
 from .state_mapping import HFNaming, load_model, plan_load
-from .training_state import SIDECAR, check_sidecar, read_sidecar
+from .training_state import SIDECAR, check_sidecar, has_sidecar, read_sidecar, sidecar_path
 
 log = logging.getLogger(__name__)
+
+MAX_SHARD_MB = 1 << 20
+
+
+@dataclass
+class HFOptions:
+    """``[checkpoint.hf]``: Hugging Face safetensors model directories."""
+
+    max_shard_size_mb: int = 2048
+    """Largest ``model-XXXXX-of-YYYYY.safetensors`` shard, in MiB."""
+    save_extras: bool = True
+    """Keep optimizer / lr / dataloader / train state beside the safetensors (a DCP sidecar) so an
+    ``hf`` checkpoint resumes training; model-only steps are plain HF directories either way."""
+
+    def validate(self, prefix: str) -> None:
+        if not 1 <= self.max_shard_size_mb <= MAX_SHARD_MB:
+            raise ConfigError(f"{prefix}.max_shard_size_mb = {self.max_shard_size_mb}; allowed: 1 to {MAX_SHARD_MB} (1 TiB)")
+
+
+SIDECAR_OPTIONS = DCPOptions()
+"""The training-state sidecar is small: one DCP file per rank, TorchTitan's layout."""
 
 
 class HFBackend(StoredSteps):
@@ -35,11 +59,10 @@ class HFBackend(StoredSteps):
 
     def __init__(self, ctx: BackendContext):
         self.ctx = ctx
-        self.options: HFOptions = ctx.options("hf") or HFOptions()
-        self.verify_mode = getattr(ctx.config, "verify", "checksum")
+        self.options: HFOptions = ctx.options or HFOptions()
+        self.verify_mode = ctx.verify
         self.naming = HFNaming(ctx.sd_adapter)
-        self.store = StepDirectory(ctx.folder, "hf", foreign_marker=INDEX, process_group=ctx.process_group)
-        self._sidecar_writer = None
+        self.store = StepDirectory(ctx.folder, ctx.name or "hf", foreign_marker=INDEX, process_group=ctx.process_group)
         self._warned_no_extras = False
         if ctx.sd_adapter is None:
             log.info(
@@ -66,14 +89,41 @@ class HFBackend(StoredSteps):
             record = functools.partial(self.store.record_checksum, staging)
             write_model(staging, state.model, self.naming, self.max_shard_bytes, self.ctx.process_group, record_checksum=record)
             if extras:
-                self._dcp().write_dir(os.path.join(staging, SIDECAR), extras)
+                write_dcp_dir(os.path.join(staging, SIDECAR), extras, SIDECAR_OPTIONS, self.ctx.process_group)
 
-    def _dcp(self):
-        if self._sidecar_writer is None:
-            from ..dcp import DCPBackend
+    def write_path(self, path: str, state: StepState, progress: Callable[[int], None] | None = None) -> None:
+        """A new Hugging Face model directory (``ckpt convert --to hf``): transformers and vLLM
+        load it; committed like a step, with a manifest."""
+        if self.ctx.sd_adapter is None:
+            raise ConfigError("a Hugging Face directory needs the model's TorchTitan state-dict adapter (to_hf); this model has none")
+        with staged_directory(path) as staging:
+            write_model(staging, state.model, self.naming, self.max_shard_bytes, self.ctx.process_group, progress=progress)
+            commit_directory(staging, path, step_of(path), self.ctx.name or "hf")
 
-            self._sidecar_writer = DCPBackend(self.ctx)
-        return self._sidecar_writer
+    # -- inspecting (ckpt)
+    def recognizes(self, path: str) -> bool:
+        return is_hf_dir(path)
+
+    def describe(self, path: str) -> dict[str, Any]:
+        directory = HFDirectory.open(path)
+        out: dict[str, Any] = {
+            "tensors": [
+                {"name": name, "dtype": str(e.dtype).replace("torch.", ""), "shape": list(e.shape), "bytes": e.nbytes,
+                 "file": rel}
+                for name, (rel, e) in sorted(directory.tensors.items())
+            ]
+        }
+        if has_sidecar(path):
+            out["sections"] = {f"{SIDECAR}/ (DCP sidecar)": describe_dcp_dir(sidecar_path(path))}
+        return out
+
+    def check_structure(self, path: str) -> str:
+        directory = HFDirectory.open(path)
+        summary = f"{len(directory.tensors)} tensors in {len(directory.shards)} shard(s)"
+        if has_sidecar(path):
+            check_dcp_structure(sidecar_path(path))
+            summary += "; training_state ok"
+        return summary
 
     # -- reading
     def read(self, step: int, state: StepState) -> None:
@@ -113,3 +163,12 @@ class HFBackend(StoredSteps):
             read_sidecar(path, state.extras, self.ctx.process_group)
         if directory is not None and plan is not None:
             load_model(directory, plan, state.model)
+
+
+SPEC = BackendSpec(
+    name="hf",
+    factory=HFBackend,
+    capabilities=HFBackend.capabilities,
+    options=HFOptions,
+    summary="Hugging Face safetensors directories (transformers / vLLM load them), training state in a DCP sidecar",
+)

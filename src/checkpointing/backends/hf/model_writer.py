@@ -22,20 +22,10 @@ from ...errors import CheckpointError
 from .directory import CONFIG, INDEX, index_json, plan_shards, shard_name
 from .hf_config import hf_config
 from .safetensors_io import write_shard
-from .state_mapping import HFNaming, is_dtensor
+from ...distributed import is_dtensor, rank
+from .state_mapping import HFNaming
 
 SCRATCH = ".dcp-shards"
-
-
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def _rank(process_group: Any) -> int:
-    dist = _dist()
-    return dist.get_rank(process_group) if dist else 0
 
 
 def tensor_nbytes(value: torch.Tensor) -> int:
@@ -67,9 +57,9 @@ def write_model(
     shards = plan_shards([(k, tensor_nbytes(v)) for k, v in hf_state.items()], max_shard_bytes)
     if any(is_dtensor(v) for v in hf_state.values()):
         _write_distributed(root, hf_state, shards, process_group)
-    elif _rank(process_group) == 0:
+    elif rank(process_group) == 0:
         _write_local(root, hf_state, shards, progress, record_checksum)
-    if _rank(process_group) == 0:
+    if rank(process_group) == 0:
         config = hf_config(naming.model_args, hf_state)
         if config is not None:
             _write_text(os.path.join(root, CONFIG), json.dumps(config, indent=2, sort_keys=True))
@@ -105,7 +95,7 @@ def _write_distributed(root: str, hf_state: dict[str, Any], shards: list[list[st
         first = first_failure(e)
         raise CheckpointError(f"writing Hugging Face shards into {scratch} failed: {first!r}") from first
     consolidate_safetensors_files_on_every_rank(scratch, root, mapping, process_group=process_group)  # ends in a barrier
-    if _rank(process_group) == 0:
+    if rank(process_group) == 0:
         shutil.rmtree(scratch)
         weight_map = {name: shard_name(i, len(shards)) for name, i in mapping.items()}
         total = sum(tensor_nbytes(v) for v in hf_state.values())

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from ..._compat import local_shard_box
+from ...distributed import is_dtensor
 from ...errors import StateMismatchError
 from .directory import HFDirectory
 from .safetensors_io import TensorEntry, read_into, read_region
@@ -31,12 +33,6 @@ TIED_ALIASES = {"lm_head.weight": "model.embed_tokens.weight"}
 """A tied HF model may omit ``lm_head.weight``: it *is* the embedding."""
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 """Buffers some older HF checkpoints carry that no TorchTitan model has a slot for."""
-
-
-def is_dtensor(value: Any) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(value, DTensor)
 
 
 class HFNaming:
@@ -61,10 +57,8 @@ def local_box(target: Any) -> tuple[torch.Tensor, tuple[int, ...] | None]:
     """(the tensor this rank fills, its offset in the global tensor or None when it is whole)."""
     if not is_dtensor(target):
         return target, None
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    _, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
-    return target.to_local(), tuple(offset)
+    _, offset = local_shard_box(target)
+    return target.to_local(), offset
 
 
 def _meta(value: torch.Tensor) -> torch.Tensor:

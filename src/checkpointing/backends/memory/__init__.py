@@ -8,7 +8,7 @@ load), :mod:`.transport` (versioned slots, the no-torn-read protocol), :mod:`.lo
 ownership, reclaiming what a killed publisher left), :mod:`.backend` (the Backend protocol).
 """
 
-from .backend import MemoryBackend
+from .backend import SPEC, MemoryBackend, MemoryOptions
 from .errors import ChannelBusyError, ChannelNotFoundError, PublisherGoneError, TornReadError
 
 
@@ -24,6 +24,8 @@ def reclaim_stale_segments(channel: str | None = None) -> list[str]:
 
 __all__ = [
     "MemoryBackend",
+    "MemoryOptions",
+    "SPEC",
     "ChannelBusyError",
     "ChannelNotFoundError",
     "PublisherGoneError",

@@ -13,11 +13,10 @@ from typing import Any, Mapping
 
 import torch
 
+from ...distributed import local_part
 from ...errors import StateMismatchError
+from ...receiver import castable, describe_mismatch
 from .layout import Layout, SnapshotViews, TensorEntry, storage_key
-
-MAX_LISTED = 20
-
 
 @dataclass(frozen=True)
 class Copy:
@@ -53,7 +52,7 @@ def plan_load(layout: Layout, target: Mapping[str, Any], source: str, data: torc
         shape = tuple(value.shape)
         if shape != entry.shape:
             refuse(key, f"shape {entry.shape} published, receiver has {shape}")
-        elif not _castable(entry.dtype, value.dtype):
+        elif not castable(entry.dtype, value.dtype):
             refuse(key, f"dtype {entry.dtype} published, receiver has {value.dtype} (only floating types are cast)")
         groups.setdefault(storage_key(value) or ("untied", key), []).append(key)
     for tied in (g for g in groups.values() if len(g) > 1 and not keys):
@@ -61,7 +60,7 @@ def plan_load(layout: Layout, target: Mapping[str, Any], source: str, data: torc
             for k in tied:
                 refuse(k, f"the receiver ties {tied}, but the published version holds different values for them")
     if missing or unexpected or problems:
-        raise StateMismatchError(_describe(source, missing, unexpected, problems), missing + unexpected + keys)
+        raise StateMismatchError(describe_mismatch(source, missing, unexpected, problems, stored="published"), missing + unexpected + keys)
     plan = [Copy(layout.entry(group[0]), target[group[0]], tuple(group)) for group in groups.values()]  # type: ignore[arg-type]
     written = {k for c in plan for k in c.keys}
     if written != set(target):  # every target tensor has exactly one writer: never a silent no-op
@@ -84,38 +83,8 @@ def apply_plan(plan: list[Copy], data: torch.Tensor) -> None:
 
 
 def _copy_into(target: torch.Tensor, source: torch.Tensor) -> None:
-    if _is_dtensor(target):
-        local = target.to_local()
-        if local.numel():
-            local.copy_(source[_local_slices(target)])
-        return
-    target.copy_(source)
-
-
-def _local_slices(dt: Any) -> tuple[slice, ...]:
-    """The part of the full tensor that this rank's shard of ``dt`` holds."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(dt.shape, dt.device_mesh, dt.placements)
-    return tuple(slice(o, o + s) for o, s in zip(offset, shape))
-
-
-def _is_dtensor(t: Any) -> bool:
-    return hasattr(t, "placements") and hasattr(t, "to_local")
-
-
-def _castable(stored: torch.dtype, receiver: torch.dtype) -> bool:
-    return stored == receiver or (stored.is_floating_point and receiver.is_floating_point)
-
-
-def _describe(source: str, missing: list[str], unexpected: list[str], problems: list[str]) -> str:
-    def listed(items: list[str]) -> str:
-        return f"{items[:MAX_LISTED]}{' ...' if len(items) > MAX_LISTED else ''}"
-
-    parts = []
-    if missing:
-        parts.append(f"receiver keys not published: {listed(missing)}")
-    if unexpected:
-        parts.append(f"published keys the receiver lacks: {listed(unexpected)}")
-    parts += problems[:MAX_LISTED]
-    return f"{source} does not fit the receiving model: " + "; ".join(parts)
+    local, box = local_part(target)
+    if box is None:
+        target.copy_(source)
+    elif local.numel():
+        local.copy_(source[box])

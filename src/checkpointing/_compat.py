@@ -1,0 +1,66 @@
+"""Every private torch / TorchTitan API this library leans on, in one place.
+
+Private names move between releases without notice. Keeping each behind one small function
+here means an upgrade breaks in one file, and ``tests/checkpointing/test_compat.py`` checks each
+of them against the installed versions (torch 2.13, TorchTitan 0.2.2) by behaviour, not just by
+name. Imports happen inside the functions so that importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def merge_job_configs(base: type, custom: type) -> type:
+    """TorchTitan's JobConfig merged with a ``custom_config_module``'s, exactly as its
+    ``ConfigManager`` merges them (``ConfigManager._merge_configs``, a private staticmethod)."""
+    from torchtitan.config import ConfigManager
+
+    return ConfigManager._merge_configs(base, custom)
+
+
+def cpu_state_dict_like(state: dict[str, Any], pin_memory: bool) -> dict[str, Any]:
+    """Empty CPU tensors shaped like ``state``'s (pinned on request): the staging buffers of an
+    async save (``torch.distributed._state_dict_utils._create_cpu_state_dict``)."""
+    from torch.distributed._state_dict_utils import _create_cpu_state_dict
+
+    return _create_cpu_state_dict(state, pin_memory=pin_memory)
+
+
+def copy_state_dict(source: dict[str, Any], target: dict[str, Any], non_blocking: bool) -> None:
+    """Copy every tensor of ``source`` into ``target``'s, in place, non-tensors by value
+    (``torch.distributed._state_dict_utils._copy_state_dict``)."""
+    from torch.distributed._state_dict_utils import _copy_state_dict
+
+    _copy_state_dict(source, target, non_blocking=non_blocking)
+
+
+def local_shard_box(dtensor: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(shape, offset) of the part of a DTensor's global tensor that this rank holds
+    (``torch.distributed.tensor._utils.compute_local_shape_and_global_offset``)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(dtensor.shape, dtensor.device_mesh, dtensor.placements)
+    return tuple(shape), tuple(offset)
+
+
+def local_shard_slices(dtensor: Any) -> tuple[slice, ...]:
+    """The same box as index slices of the global tensor."""
+    shape, offset = local_shard_box(dtensor)
+    return tuple(slice(o, o + s) for o, s in zip(offset, shape))
+
+
+def flatten_state_dict(state: dict[str, Any]) -> dict[str, Any]:
+    """DCP's flattening of a nested state dict into dotted keys, as its planners see them
+    (``torch.distributed.checkpoint._nested_dict.flatten_state_dict``)."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict as flatten
+
+    flat, _ = flatten(state)
+    return flat
+
+
+def torchtitan_model_names() -> list[str]:
+    """Model names TorchTitan's registry knows (``torchtitan.models._supported_models``)."""
+    from torchtitan.models import _supported_models
+
+    return sorted(_supported_models)
