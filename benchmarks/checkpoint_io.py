@@ -223,7 +223,7 @@ def st_load(receiver, path):
 
 def checkpointer(module: nn.Module, base: str, backend: str, verify: str = "checksum", threads: int = 1):
     from checkpointing import Checkpointer, CheckpointConfig
-    from checkpointing.config import DCPOptions
+    from checkpointing.backends.dcp import DCPOptions
 
     cfg = CheckpointConfig(enable=True, backend=backend, folder="ckpt", interval=1, keep_latest_k=0, verify=verify,
                            dcp=DCPOptions(thread_count=threads))

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from checkpointing import Checkpointer, CheckpointConfig
-from checkpointing.config import MemoryOptions
+from checkpointing.backends.memory import MemoryOptions
 
 
 class Blob(nn.Module):

@@ -100,7 +100,7 @@ def reset_peak() -> None:
 # ---------------------------------------------------------------------------- methods
 def memory_config(channel: str, transport: str, dtype: str, keep: int, bucket_mb: int):
     from checkpointing import CheckpointConfig
-    from checkpointing.config import MemoryOptions
+    from checkpointing.backends.memory import MemoryOptions
 
     memory = MemoryOptions(transport=transport, channel=channel, dtype=dtype, keep_versions=keep, bucket_size_mb=bucket_mb)
     return CheckpointConfig(enable=True, backend="memory", interval=1, keep_latest_k=0, memory=memory)
