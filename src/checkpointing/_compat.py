@@ -64,3 +64,44 @@ def torchtitan_model_names() -> list[str]:
     from torchtitan.models import _supported_models
 
     return sorted(_supported_models)
+
+
+def narrow_tensor_by_index(tensor: Any, offsets: Any, sizes: Any) -> Any:
+    """The region of ``tensor`` one DCP read item covers
+    (``torch.distributed._shard._utils.narrow_tensor_by_index``)."""
+    from torch.distributed._shard._utils import narrow_tensor_by_index as narrow
+
+    return narrow(tensor, offsets, sizes)
+
+
+def set_element(root: dict[str, Any], path: Any, value: Any) -> None:
+    """Put ``value`` at a DCP object path inside a nested state dict
+    (``torch.distributed.checkpoint._traverse.set_element``)."""
+    from torch.distributed.checkpoint._traverse import set_element as set_at
+
+    set_at(root, path, value)
+
+
+def create_file_view(stream: Any, offset: int, length: int) -> Any:
+    """A read-only window of ``length`` bytes at ``offset`` of an open file
+    (``torch.distributed.checkpoint.utils._create_file_view``)."""
+    from torch.distributed.checkpoint.utils import _create_file_view
+
+    return _create_file_view(stream, offset, length)
+
+
+def storage_info_class() -> type:
+    """The record DCP's filesystem layer keeps per stored item: relative path, offset, length
+    (``torch.distributed.checkpoint.filesystem._StorageInfo``)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    return _StorageInfo
+
+
+def consolidate_hf_safetensors(scratch: str, root: str, mapping: dict[str, int], process_group: Any) -> None:
+    """Merge the per-rank safetensors DCP's HF writer left in ``scratch`` into full shards in
+    ``root``, every rank taking part
+    (``torch.distributed.checkpoint._consolidate_hf_safetensors``)."""
+    from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files_on_every_rank
+
+    consolidate_safetensors_files_on_every_rank(scratch, root, mapping, process_group=process_group)

@@ -173,3 +173,99 @@ def test_exclude_from_loading_keeps_excluded_state(case, tmp_path, unique_channe
     assert rscheds.state_dict() == scheds.state_dict()
     reader.close()
     writer.close()
+
+
+# ------------------------------------------------------------------ a receiver that is not an nn.Module
+class RecordingSink:
+    """A TensorSink that keeps a copy of what it was handed (tensors may be views valid only
+    during ``receive``), and can be told to fail midway."""
+
+    def __init__(self, specs, fail_after: int | None = None):
+        self._specs = specs
+        self.fail_after = fail_after
+        self.received: dict[int, dict[str, torch.Tensor]] = {}
+
+    def specs(self):
+        return self._specs
+
+    def receive(self, step, tensors):
+        got = {}
+        for i, (name, tensor) in enumerate(tensors):
+            if self.fail_after is not None and i == self.fail_after:
+                raise RuntimeError("the engine rejected the update")
+            got[name] = tensor.clone()
+        self.received[step] = got
+
+
+def _sink_for(model, dtype=None):
+    from checkpointing import TensorSpec
+
+    return RecordingSink({k: TensorSpec(tuple(v.shape), dtype or v.dtype) for k, v in model.state_dict().items()})
+
+
+def test_a_sink_receives_every_published_tensor_exactly(case, tmp_path, unique_channel):
+    model = build_titan_model(seed=0)
+    with Checkpointer(model_parts=[model], checkpoint_config=make_config(case, unique_channel), base_folder=str(tmp_path)) as w:
+        w.save(1)
+        sink = _sink_for(model)
+        reader_cfg = make_config(case, unique_channel, load_only=True)
+        with Checkpointer(checkpoint_config=reader_cfg, base_folder=str(tmp_path), sink=sink) as r:
+            assert r.load() and r.loaded_step == 1
+            assert r.stats.last_load_path == "sink"
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(-1)
+            w.save(2)
+            assert r.load() and r.loaded_step == 2
+    assert set(sink.received) == {1, 2}
+    assert_state_equal(model.state_dict(), sink.received[2])
+    assert set(sink.received[1]) == set(model.state_dict())
+    assert all(not torch.equal(sink.received[1][k], sink.received[2][k]) for k in sink.received[1] if sink.received[1][k].abs().sum() > 0)
+
+
+def test_a_sink_gets_its_own_dtype_names_are_checked_before_delivery(case, tmp_path, unique_channel):
+    model = build_titan_model(seed=0)
+    with Checkpointer(model_parts=[model], checkpoint_config=make_config(case, unique_channel), base_folder=str(tmp_path)) as w:
+        w.save(1)
+        reader_cfg = make_config(case, unique_channel, load_only=True)
+        bf16 = _sink_for(model, torch.bfloat16)
+        with Checkpointer(checkpoint_config=reader_cfg, base_folder=str(tmp_path), sink=bf16) as r:
+            assert r.load()
+        got = bf16.received[1]
+        assert all(got[k].to(torch.bfloat16).equal(v.to(torch.bfloat16)) for k, v in model.state_dict().items())
+
+        from checkpointing import TensorSpec
+
+        wrong = _sink_for(model)
+        wrong._specs = dict(wrong._specs, **{"tok_embeddings.weight": TensorSpec((3, 3), torch.float32)})
+        with Checkpointer(checkpoint_config=reader_cfg, base_folder=str(tmp_path), sink=wrong) as r:
+            with pytest.raises(StateMismatchError) as err:
+                r.load()
+            assert "tok_embeddings.weight" in err.value.keys
+            assert r.loaded_step == -1
+        assert wrong.received == {}
+
+
+def test_a_failing_sink_is_a_typed_error_and_the_version_does_not_advance(case, tmp_path, unique_channel):
+    from checkpointing import CheckpointError
+
+    model = build_titan_model(seed=0)
+    with Checkpointer(model_parts=[model], checkpoint_config=make_config(case, unique_channel), base_folder=str(tmp_path)) as w:
+        w.save(1)
+        sink = _sink_for(model)
+        sink.fail_after = 3
+        with Checkpointer(checkpoint_config=make_config(case, unique_channel, load_only=True),
+                          base_folder=str(tmp_path), sink=sink) as r:
+            with pytest.raises(CheckpointError, match="rejected the update"):
+                r.load()
+            assert r.loaded_step == -1
+            sink.fail_after = None
+            assert r.load() and r.loaded_step == 1
+
+
+def test_a_sink_checkpointer_only_loads(case, tmp_path, unique_channel):
+    from checkpointing import ConfigError
+
+    with pytest.raises(ConfigError, match="load_only"):
+        Checkpointer(checkpoint_config=make_config(case, unique_channel), base_folder=str(tmp_path),
+                     sink=_sink_for(build_titan_model()))

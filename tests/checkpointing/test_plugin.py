@@ -49,9 +49,18 @@ SCRIPT = textwrap.dedent(
     # Chosen from TOML, through our loader and through TorchTitan's own ConfigManager.
     cfg = load_job_config(os.path.join(work, "toy.toml")).checkpoint
     assert cfg.backend == "_toy", cfg.backend
+    assert cfg._toy.file_name == "weights.pt", cfg._toy  # the plugin's own [checkpoint._toy] table
     from torchtitan.config import ConfigManager
     titan = ConfigManager().parse_args(["--job.config_file", os.path.join(work, "toy.toml")])
-    assert titan.checkpoint.backend == "_toy"
+    assert titan.checkpoint.backend == "_toy" and titan.checkpoint._toy.file_name == "weights.pt"
+    assert load_job_config(os.path.join(work, "toy.toml"), ["--checkpoint._toy.file_name=w.pt"]).checkpoint._toy.file_name == "w.pt"
+    for bad, named in (("bad_key.toml", "checkpoint._toy.file_nam"), ("bad_value.toml", "checkpoint._toy.file_name = '../x.pt'")):
+        try:
+            load_job_config(os.path.join(work, bad))
+        except ConfigError as e:
+            assert named in str(e), e
+        else:
+            raise AssertionError(f"{bad} was accepted")
 
     model = build_titan_model(seed=0)
     opts, scheds = build_training_parts(model)
@@ -62,7 +71,20 @@ SCRIPT = textwrap.dedent(
         ckpt.save(1); ckpt.save(2); ckpt.save(3)
         assert type(ckpt.backend).__module__ == "titan_toy_backend"
         assert ckpt.backend.steps() == [2, 3], ckpt.backend.steps()  # keep_latest_k = 2 from the TOML
-    assert sorted(os.listdir(os.path.join(work, "toy-ckpt", "step-3"))) == ["manifest.json", "state.pt"]
+    assert sorted(os.listdir(os.path.join(work, "toy-ckpt", "step-3"))) == ["manifest.json", "weights.pt"]
+
+    # ckpt knows the plugin's steps through the registry: the manifest names the backend.
+    import contextlib, io
+    from checkpointing.cli import main as ckpt_cli
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert ckpt_cli(["inspect", os.path.join(work, "toy-ckpt")]) == 0
+        assert ckpt_cli(["verify", os.path.join(work, "toy-ckpt")]) == 0
+        assert ckpt_cli(["backends"]) == 0
+    text = out.getvalue()
+    assert "step-3: backend _toy (manifest)" in text and "weights.pt" in text, text
+    assert "step-3: ok (_toy): 1 files match the manifest" in text, text
+    assert "[checkpoint._toy]" in text and "file_name = 'state.pt'" in text and "one file each step" in text, text
 
     other = build_titan_model(seed=5)
     o_opts, o_scheds = build_training_parts(other)
@@ -81,6 +103,10 @@ SCRIPT = textwrap.dedent(
         assert "_broken" in str(e) and "titan_toy_backend_missing_module" in str(e), e
     else:
         raise AssertionError("a backend whose module is missing was accepted")
+    with open(os.path.join(work, "toy-ckpt", "step-3", "weights.pt"), "r+b") as f:
+        f.seek(100); byte = f.read(1); f.seek(100); f.write(bytes([byte[0] ^ 1]))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert ckpt_cli(["verify", os.path.join(work, "toy-ckpt", "step-3")]) == 1
     print("PLUGIN-OK")
     """
 )
@@ -100,7 +126,11 @@ def test_entry_point_backend_is_selected_from_toml_and_round_trips(tmp_path):
         folder = "toy-ckpt"
         interval = 1
         keep_latest_k = 2
+        [checkpoint._toy]
+        file_name = "weights.pt"
     """))
+    (work / "bad_key.toml").write_text('[checkpoint]\nbackend = "_toy"\n[checkpoint._toy]\nfile_nam = "a.pt"\n')
+    (work / "bad_value.toml").write_text('[checkpoint]\nbackend = "_toy"\n[checkpoint._toy]\nfile_name = "../x.pt"\n')
     (work / "broken.toml").write_text('[checkpoint]\nbackend = "_broken"\n')
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(site), str(PLUGIN_SRC), str(REPO), env.get("PYTHONPATH", "")])

@@ -102,22 +102,24 @@ def check_fits(metadata, flat: dict[str, Any], source: str) -> None:
     flattened = flatten_state_dict(flat)
     stored = metadata.state_dict_metadata
     missing = sorted(k for k in flattened if k not in stored)
-    problems = []
+    problems, bad = [], []
     for key, target in flattened.items():
         md = stored.get(key)
         if md is None or not isinstance(target, torch.Tensor):
             continue
         if not isinstance(md, TensorStorageMetadata):
+            bad.append(key)
             problems.append(f"{key}: stored as a non-tensor value, receiver has a tensor")
             continue
         if tuple(md.size) != tuple(target.shape):
+            bad.append(key)
             problems.append(f"{key}: shape {tuple(md.size)} stored, receiver has {tuple(target.shape)}")
     if missing or problems:
         lines = []
         if missing:
             lines.append(f"missing from the checkpoint: {missing[:20]}{' ...' if len(missing) > 20 else ''}")
         lines += problems[:20]
-        raise StateMismatchError(f"{source} does not fit the receiving state: " + "; ".join(lines), missing + problems)
+        raise StateMismatchError(f"{source} does not fit the receiving state: " + "; ".join(lines), missing + bad)
 
 
 def not_a_step_dir_message(path: str) -> str:

@@ -23,15 +23,13 @@ import sys
 from typing import Any
 
 import torch
-from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
-from torch.distributed.checkpoint.utils import _create_file_view
 from torch.futures import Future
 
+from .._compat import create_file_view, narrow_tensor_by_index, set_element
 from ..errors import CorruptCheckpointError, UnsafeCheckpointError
 from ..safepath import safe_join
 from .safe_metadata import check_storage_layout, safe_load_metadata
@@ -107,14 +105,14 @@ class SafeFileSystemReader(FileSystemReader):
     def _read_item(self, stream, item: ReadItem, planner: LoadPlanner, path: str) -> None:
         info = self.storage_data[item.storage_index]
         if item.type == LoadItemType.BYTE_IO:
-            view = _create_file_view(stream, info.offset, info.length)
+            view = create_file_view(stream, info.offset, info.length)
             planner.load_bytes(item, io.BytesIO(view.read(-1)))
         elif not self._read_tensor_direct(stream, info, item, planner, path):
             self._read_tensor_general(stream, info, item, planner)
 
     def _read_tensor_general(self, stream, info, item: ReadItem, planner: LoadPlanner) -> None:
         """DCP's own way: load the item into a new tensor, narrow it, copy it into the target."""
-        view = _create_file_view(stream, info.offset, info.length)
+        view = create_file_view(stream, info.offset, info.length)
         tensor = torch.load(view, map_location="cpu", weights_only=True)
         tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
         target = planner.resolve_tensor(item).detach()
@@ -132,7 +130,7 @@ class SafeFileSystemReader(FileSystemReader):
         target = planner.resolve_tensor(item).detach()
         if target.device.type != "cpu" or not target.is_contiguous() or sys.byteorder != "little":
             return False
-        view = _create_file_view(stream, info.offset, info.length)
+        view = create_file_view(stream, info.offset, info.length)
         archive = torch._C.PyTorchFileReader(view)  # the zip directory only: no data is read
         if [r for r in archive.get_all_records() if r.startswith("data/")] != ["data/0"]:
             return False

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .._compat import storage_info_class
 from ..errors import CorruptCheckpointError, UnsafeCheckpointError
 from ..safepath import safe_join
 
@@ -114,7 +115,6 @@ def check_metadata(metadata: Any, source: str) -> None:
 
 
 def _check_metadata(metadata: Any, source: str) -> None:
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (
         BytesStorageMetadata,
         MetadataIndex,
@@ -122,6 +122,7 @@ def _check_metadata(metadata: Any, source: str) -> None:
         TensorStorageMetadata,
     )
 
+    _StorageInfo = storage_info_class()
     storage_meta = getattr(metadata, "storage_meta", None)
     if storage_meta is not None and not isinstance(storage_meta, StorageMeta):
         raise _corrupt(source, f"storage_meta is a {type(storage_meta).__name__}, not StorageMeta")

@@ -24,12 +24,12 @@ STATE_FILE = "state.pt"
 class ToyOptions:
     """``[checkpoint._toy]``: the toy plugin's own table."""
 
-    protocol: int = 2
-    """Pickle protocol for ``torch.save``."""
+    file_name: str = STATE_FILE
+    """Name of the one file each step keeps its state in."""
 
     def validate(self, prefix: str) -> None:
-        if not 2 <= self.protocol <= 5:
-            raise ConfigError(f"{prefix}.protocol = {self.protocol}; allowed: 2 to 5")
+        if not self.file_name.endswith(".pt") or "/" in self.file_name or self.file_name.startswith("."):
+            raise ConfigError(f"{prefix}.file_name = {self.file_name!r}; allowed: a plain name ending in .pt")
 
 
 class ToyBackend:
@@ -43,16 +43,12 @@ class ToyBackend:
 
     def write(self, step: int, state: StepState) -> None:
         with self.store.stage(step) as staging:
-            torch.save(
-                {"model": state.model, "extras": state.extras},
-                os.path.join(staging, STATE_FILE),
-                pickle_protocol=self.options.protocol,
-            )
+            torch.save({"model": state.model, "extras": state.extras}, os.path.join(staging, self.options.file_name))
 
     def read(self, step: int, state: StepState) -> None:
         path = self.store.committed_path(step)
         self.store.verify(path, self.verify_mode)
-        saved = torch.load(os.path.join(path, STATE_FILE), weights_only=True)
+        saved = torch.load(os.path.join(path, self.options.file_name), weights_only=True)
         bad = [k for k, t in state.model.items() if k not in saved["model"] or saved["model"][k].shape != t.shape]
         bad += [k for k in state.extras if k not in saved["extras"]]
         if bad:

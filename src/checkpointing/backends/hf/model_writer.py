@@ -22,6 +22,7 @@ from ...errors import CheckpointError
 from .directory import CONFIG, INDEX, index_json, plan_shards, shard_name
 from .hf_config import hf_config
 from .safetensors_io import write_shard
+from ..._compat import consolidate_hf_safetensors
 from ...distributed import is_dtensor, rank
 from .state_mapping import HFNaming
 
@@ -81,7 +82,6 @@ def _write_local(root: str, hf_state: dict[str, Any], shards: list[list[str]], p
 def _write_distributed(root: str, hf_state: dict[str, Any], shards: list[list[str]], process_group: Any) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
-    from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files_on_every_rank
     from torch.distributed.checkpoint.api import CheckpointException
 
     from ..dcp import first_failure
@@ -94,7 +94,7 @@ def _write_distributed(root: str, hf_state: dict[str, Any], shards: list[list[st
     except CheckpointException as e:  # a BaseException: surface the first rank's cause as ours
         first = first_failure(e)
         raise CheckpointError(f"writing Hugging Face shards into {scratch} failed: {first!r}") from first
-    consolidate_safetensors_files_on_every_rank(scratch, root, mapping, process_group=process_group)  # ends in a barrier
+    consolidate_hf_safetensors(scratch, root, mapping, process_group)  # ends in a barrier
     if rank(process_group) == 0:
         shutil.rmtree(scratch)
         weight_map = {name: shard_name(i, len(shards)) for name, i in mapping.items()}

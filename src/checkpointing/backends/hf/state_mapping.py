@@ -84,7 +84,7 @@ def plan_load(directory: HFDirectory, targets: dict[str, Any], naming: HFNaming)
     hf_view = naming.to_hf(proxies)
     owner = {id(v): k for k, v in proxies.items()}
     plan = LoadPlan(proxies=proxies, hf_view=hf_view, naming=naming)
-    missing, problems = [], []
+    missing, problems, misfits = [], [], []
     for name, value in hf_view.items():
         src = name if name in directory.tensors else None
         if src is None and directory.tied_embeddings and TIED_ALIASES.get(name) in directory.tensors:
@@ -96,6 +96,7 @@ def plan_load(directory: HFDirectory, targets: dict[str, Any], naming: HFNaming)
         entry = directory.tensors[src][1]
         if tuple(value.shape) != entry.shape:
             problems.append(f"{name}: shape {list(entry.shape)} stored, receiver has {list(value.shape)}")
+            misfits.append(owner.get(id(value), name))
         if id(value) in owner:
             plan.direct[name] = owner[id(value)]
     covered = naming.from_hf(hf_view)
@@ -119,7 +120,7 @@ def plan_load(directory: HFDirectory, targets: dict[str, Any], naming: HFNaming)
         parts += problems[:20]
         raise StateMismatchError(
             f"{directory.root} does not fit the receiving model: " + "; ".join(parts),
-            missing + uncovered + unexpected + not_tensors + problems,
+            missing + uncovered + unexpected + not_tensors + misfits,
         )
     return plan
 
