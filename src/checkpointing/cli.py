@@ -27,8 +27,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from .dtypes import FLOAT_DTYPE_NAMES as DTYPE_CHOICES
+
 EXIT_OK, EXIT_CORRUPT, EXIT_USAGE = 0, 1, 2
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
 class UsageError(Exception):

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
+from . import distributed
 from .checksum import crc32_file  # noqa: F401  (also re-exported: commit.crc32_file)
 from .errors import ConfigError, CorruptCheckpointError, StepNotFoundError, UnsafeCheckpointError
 from .safepath import check_no_escaping_links, safe_join
@@ -152,19 +153,11 @@ class StepDirectory:
         self._known_checksums.setdefault(staging, {})[relpath] = (size, crc32)
 
     # --- distributed helpers -------------------------------------------------------------
-    def _dist(self):
-        import torch.distributed as dist
-
-        return dist if dist.is_available() and dist.is_initialized() else None
-
     def _rank(self) -> int:
-        dist = self._dist()
-        return dist.get_rank(self.process_group) if dist else 0
+        return distributed.rank(self.process_group)
 
     def _barrier(self) -> None:
-        dist = self._dist()
-        if dist and dist.get_world_size(self.process_group) > 1:
-            dist.barrier(group=self.process_group)
+        distributed.barrier(self.process_group)
 
     # --- naming --------------------------------------------------------------------------
     def path(self, step: int) -> str:

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from torchtitan.config import Checkpoint as TitanCheckpoint
 
 from .backend import BackendSpec, ValidatedOptions, available_backends, backend_spec, loadable_specs
+from .dtypes import FLOAT_DTYPE_NAMES as DTYPE_NAMES
 from .errors import BackendNotFoundError, ConfigError
 
 try:  # Python 3.11+
@@ -31,7 +32,6 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover
     import tomli as tomllib  # type: ignore[no-redef]
 
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
 ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
 LOAD_MODES = ("auto", "copy")
 

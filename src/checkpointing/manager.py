@@ -35,6 +35,8 @@ from .backend import (
     backend_spec,
 )
 from .config import backend_options, initial_load_reader, validate_checkpoint_config
+from .distributed import is_distributed
+from .dtypes import torch_dtype
 from .errors import AsyncSaveError, CheckpointError, ConfigError, StepNotFoundError
 from .receiver import TensorSink
 from .state import (
@@ -52,8 +54,6 @@ from .state import (
 from .units import human_bytes
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -118,7 +118,7 @@ class Checkpointer:
         self.load_only: bool = self.config.load_only
         self.folder = os.path.join(base_folder, self.config.folder)
         self.sd_adapter = sd_adapter
-        self.export_dtype = _DTYPES[self.config.export_dtype]
+        self.export_dtype = torch_dtype(self.config.export_dtype)
         self.async_mode = self.config.async_mode.lower()
 
         self.sink = sink
@@ -175,14 +175,12 @@ class Checkpointer:
                 )
 
     def _make_process_group(self):
+        if not is_distributed() or self.async_mode == "disabled":
+            return None
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
-            return None
-        if self.async_mode != "disabled":
-            # Background saves run collectives off the main thread: give them their own group.
-            return dist.new_group(backend="gloo")
-        return None
+        # Background saves run collectives off the main thread: give them their own group.
+        return dist.new_group(backend="gloo")
 
     def _build_backend(self, name: str, folder: str, load_only: bool | None = None) -> Backend:
         spec = backend_spec(name)

@@ -15,6 +15,8 @@ import torch.nn as nn
 
 from checkpointing import ConfigError
 
+from .config import DTYPES as DTYPE_NAMES
+
 RL_TINY = "rl_tiny"
 _TINY_SIZES = dict(vocab_size=48, dim=128, n_layers=2, n_heads=4, max_seq_len=64)
 _registered = False
@@ -103,4 +105,5 @@ def resolve_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+"""The generator dtypes ``[rl] generator_dtype`` may name (rl.config), as torch dtypes."""

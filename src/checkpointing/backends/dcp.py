@@ -28,6 +28,7 @@ from .._compat import flatten_state_dict
 from ..backend import BackendContext, BackendSpec, Capabilities, StepState
 from ..commit import StepDirectory, StoredSteps, commit_directory, staged_directory, step_of
 from ..distributed import world_size
+from ..dtypes import dtype_name
 from ..errors import CheckpointError, ConfigError, CorruptCheckpointError, StateMismatchError
 from .dcp_reader import DCP_METADATA, SafeFileSystemReader, SafeLoadPlanner, read_metadata
 
@@ -161,7 +162,7 @@ def describe_dcp_dir(path: str) -> list[dict[str, Any]]:
             for d in md.size:
                 numel *= d
             dtype = md.properties.dtype
-            rows.append({"name": key, "dtype": str(dtype).replace("torch.", ""), "shape": list(md.size),
+            rows.append({"name": key, "dtype": dtype_name(dtype), "shape": list(md.size),
                          "bytes": numel * dtype.itemsize})
         else:
             rows.append({"name": key, "dtype": "object", "shape": None, "bytes": 0})

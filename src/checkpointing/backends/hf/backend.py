@@ -22,6 +22,7 @@ from ...backend import BackendContext, BackendSpec, Capabilities, StepState
 from typing import Any, Callable
 
 from ...commit import MANIFEST, StepDirectory, StoredSteps, commit_directory, staged_directory, step_of
+from ...dtypes import dtype_name
 from ...errors import ConfigError, UnsafeCheckpointError
 from ..dcp import DCPOptions, check_dcp_structure, describe_dcp_dir, write_dcp_dir
 from ...safepath import check_no_escaping_links
@@ -108,7 +109,7 @@ class HFBackend(StoredSteps):
         directory = HFDirectory.open(path)
         out: dict[str, Any] = {
             "tensors": [
-                {"name": name, "dtype": str(e.dtype).replace("torch.", ""), "shape": list(e.shape), "bytes": e.nbytes,
+                {"name": name, "dtype": dtype_name(e.dtype), "shape": list(e.shape), "bytes": e.nbytes,
                  "file": rel}
                 for name, (rel, e) in sorted(directory.tensors.items())
             ]

@@ -16,15 +16,16 @@ from typing import Any
 
 import torch
 
+from ...dtypes import FLOAT_DTYPE_NAMES, dtype_name
+
 log = logging.getLogger(__name__)
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
 def _dtype_name(hf_state: dict[str, Any]) -> str:
+    """``torch_dtype`` for config.json: the weights' floating dtype (float32 when unusual)."""
     for value in hf_state.values():
         if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return _DTYPE_NAMES.get(value.dtype, "float32")
+            name = dtype_name(value.dtype)
+            return name if name in FLOAT_DTYPE_NAMES else "float32"
     return "float32"
 
 
