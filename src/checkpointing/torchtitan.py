@@ -50,6 +50,7 @@ import sys
 from dataclasses import fields, is_dataclass
 from typing import Any
 
+from . import mixed_folder
 from .errors import ConfigError
 from .manager import Checkpointer
 
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_MODULE = "checkpointing.config"
 TRAIN_MODULE = "torchtitan.train"
+STEP_FORMATS = {"dcp": "dcp", "hf": "hf"}
+"""The built-in backends whose steps TorchTitan's own step scan recognizes, by on-disk format."""
 
 
 def build_checkpointer(
@@ -88,6 +91,8 @@ def build_checkpointer(
             ckpt.backend_name,
             ckpt.folder,
         )
+        writes = None if ckpt.load_only else STEP_FORMATS.get(ckpt.backend_name)
+        mixed_folder.warn_if_mixed(ckpt.folder, writes, log)
     return ckpt
 
 
