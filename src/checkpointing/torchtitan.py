@@ -37,10 +37,11 @@ one is refused by TorchTitan before the trainer starts), and the trainer hands u
 :class:`~checkpointing.errors.ConfigError` naming the missing ``custom_config_module`` line,
 rather than silently picking a backend the TOML never chose.
 
-Refused at start (when the trainer builds its checkpointer, before any step or load): an
-unknown backend name; a backend that cannot resume training (``memory``: model weights only,
-nothing on disk; that one is for weight sync to a generator); TorchTitan options this
-Checkpointer does not implement (torchft, ``last_save_in_hf``, quantized HF loads).
+Refused at start (when the trainer builds its checkpointer, before any step or load), with a
+:class:`~checkpointing.errors.ConfigError` naming the key: an unknown backend name; a backend
+whose capabilities cannot resume training (``memory`` holds model tensors only and keeps
+nothing on disk; it is for weight sync to a generator); TorchTitan options this Checkpointer
+does not implement (torchft, ``last_save_in_hf``, quantized HF loads).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def build_checkpointer(
     ft_manager: Any = None,
 ) -> Checkpointer:
     """What ``torchtitan.train`` calls in place of ``CheckpointManager(...)``: same arguments."""
-    check_trainer_config(checkpoint_config, ft_manager)
+    check_trainer_config(checkpoint_config)
     ckpt = Checkpointer(
         dataloader=dataloader,
         model_parts=model_parts,
@@ -84,6 +85,7 @@ def build_checkpointer(
         checkpoint_config=checkpoint_config,
         sd_adapter=sd_adapter,
         base_folder=base_folder,
+        ft_manager=ft_manager,  # torchft: refused by the Checkpointer, naming it
     )
     if ckpt.enable:
         log.info(
@@ -96,7 +98,7 @@ def build_checkpointer(
     return ckpt
 
 
-def check_trainer_config(cfg: Any, ft_manager: Any = None) -> None:
+def check_trainer_config(cfg: Any) -> None:
     """Refuse, with the key named, what would otherwise be ignored or fail mid-run."""
     if cfg is None or not is_dataclass(cfg) or "backend" not in {f.name for f in fields(cfg)}:
         raise ConfigError(
@@ -104,8 +106,6 @@ def check_trainer_config(cfg: Any, ft_manager: Any = None) -> None:
             "(or a module whose JobConfig extends it) in the same TOML: without it TorchTitan's config has no "
             "[checkpoint] backend and the checkpoint backend would be chosen by nobody"
         )
-    if ft_manager is not None and getattr(ft_manager, "enabled", True):
-        raise ConfigError("fault_tolerance (torchft) is not supported by titan-checkpointing's Checkpointer")
     if cfg.last_save_in_hf:
         raise ConfigError(
             "checkpoint.last_save_in_hf = true is TorchTitan's own HF export; with titan-checkpointing set "
@@ -115,20 +115,21 @@ def check_trainer_config(cfg: Any, ft_manager: Any = None) -> None:
         raise ConfigError("checkpoint.initial_load_in_hf_quantized = true is not supported by titan-checkpointing")
     if not cfg.enable:
         return
-    from .backend import BackendNotFoundError, available_backends, backend_capabilities
+    from .backend import BackendNotFoundError, available_backends, backend_spec
 
     try:
-        caps = backend_capabilities(cfg.backend)
+        caps = backend_spec(cfg.backend).capabilities
     except BackendNotFoundError:
         raise ConfigError(
             f"checkpoint.backend = {cfg.backend!r} is not a registered backend; allowed: {', '.join(available_backends())}"
         ) from None
-    if caps is not None and not (caps.persistent and caps.non_tensor_state):
+    missing = [why for ok, why in ((caps.non_tensor_state, "it holds model tensors only"),
+                                   (caps.persistent, "its steps do not outlive the process")) if not ok]
+    if missing:
         raise ConfigError(
-            f"checkpoint.backend = {cfg.backend!r} cannot checkpoint TorchTitan's trainer: it keeps model weights "
-            "only, not on disk, so optimizer, lr_scheduler, dataloader and train_state could not be resumed. "
-            "Use a backend that persists training state (dcp, hf); "
-            f"{cfg.backend!r} is for weight sync to a generator"
+            f"checkpoint.backend = {cfg.backend!r} cannot checkpoint TorchTitan's trainer: {' and '.join(missing)}, "
+            "so optimizer, lr_scheduler, dataloader and train_state could not be resumed; use a backend that "
+            "persists training state (e.g. dcp or hf)"
         )
 
 

@@ -87,17 +87,15 @@ def assert_ran(result: dict, output: str = "") -> None:
 
 # ------------------------------------------------------------------ reading steps back
 def debug_model():
-    """TorchTitan's llama3 debugmodel with uninitialized weights, for a load to fill: a load
-    that missed a tensor leaves garbage there, and the comparisons fail."""
+    """TorchTitan's llama3 debugmodel with NaN weights, for a load to fill: a load that missed a
+    tensor leaves NaN there, and the comparisons fail. (Built on the CPU, not meta + init_weights:
+    the constructor computes the RoPE buffer, and the trunc-normal init would cost seconds.)"""
     from torchtitan.protocols.train_spec import get_train_spec
 
     spec = get_train_spec("llama3")
     args = spec.model_args["debugmodel"]
-    with torch.device("meta"):
-        model = spec.model_cls(args)
-    model.to_empty(device="cpu")
+    model = spec.model_cls(args)
     with torch.no_grad():
-        model.init_weights()  # buffers (RoPE frequencies) are not in the state dict
         for p in model.parameters():
             p.fill_(float("nan"))
     return model, spec.state_dict_adapter(args, None)
