@@ -14,8 +14,8 @@ Same flags as ``python -m torchtitan.train`` (TorchTitan parses them). What it a
   torchrun would set, with a free local port); under torchrun it leaves them alone;
 * without an accelerator, the CPU shims of :mod:`checkpointing.torchtitan_cpu`, logged.
 
-Exit status: 0 done, 1 a checkpoint was damaged or unsafe, 2 a config mistake; any other
-failure is TorchTitan's own traceback.
+Exit status (as ``ckpt``): 0 done, 1 a checkpoint was damaged or unsafe, 2 a config or usage
+mistake (a bad key, a missing step); any other failure is TorchTitan's own traceback.
 """
 
 from __future__ import annotations
@@ -56,14 +56,12 @@ def split_config_file(argv: Sequence[str]) -> tuple[str | None, list[str]]:
 def check_config(argv: Sequence[str]) -> None:
     """Parse the job config the way TorchTitan will, with our typed checks on top; raise
     ConfigError naming the key (and the file) on any mistake."""
-    from .config import load_job_config
+    from .config import load_job_config, read_toml
     from .torchtitan import CONFIG_MODULE, check_trainer_config
 
     path, overrides = split_config_file(argv)
     if path is None:
         raise ConfigError("give the job config: titan-train --job.config_file FILE.toml [--section.key=value ...]")
-    from .config import read_toml
-
     job = read_toml(path).get("job", {})
     named = job.get("custom_config_module") if isinstance(job, dict) else None
     if not named and not any(a.split("=")[0] in ("--job.custom_config_module", "--job.custom-config-module") for a in overrides):
@@ -108,9 +106,9 @@ def main() -> int:
     except ConfigError as e:
         print(f"titan-train: config error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except CheckpointError as e:
-        print(f"titan-train: checkpoint error: {e}", file=sys.stderr)
-        return EXIT_CORRUPT
+    except CheckpointError as e:  # e.g. load_step names a step that is not there
+        print(f"titan-train: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _run_torchtitan() -> int:

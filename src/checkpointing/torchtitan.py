@@ -28,8 +28,9 @@ one running. Only names still bound to TorchTitan's own class are replaced. Trai
 subclass ``torchtitan.train.Trainer`` run its ``__init__`` and so pick the switch up as well.
 
 When: at import, that is, when ``Trainer.__init__`` imports ``custom_import``, before anything
-is built. Importing ``checkpointing`` itself never does this; only naming this module (or
-calling :func:`install`, as ``titan-train`` does) does.
+is built; once per process, as imports are. Importing ``checkpointing`` itself never does this;
+only naming this module (or calling :func:`install`, as ``titan-train`` does) does. A process
+that executes ``train.py`` again after that (``runpy`` twice) calls :func:`install` again.
 
 Without the config module: TorchTitan's parser then knows no ``backend`` key (a TOML that sets
 one is refused by TorchTitan before the trainer starts), and the trainer hands us its plain
@@ -151,8 +152,7 @@ def install() -> list[str]:
 def _trainer_modules() -> list[tuple[str, Any]]:
     found = [(TRAIN_MODULE, sys.modules[TRAIN_MODULE])]
     main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if main is not None and spec is not None and spec.name == TRAIN_MODULE:
+    if main is not None and main.__spec__ is not None and main.__spec__.name == TRAIN_MODULE:
         found.append(("__main__", main))
     return found
 
