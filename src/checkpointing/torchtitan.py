@@ -42,7 +42,8 @@ Refused at start (when the trainer builds its checkpointer, before any step or l
 :class:`~checkpointing.errors.ConfigError` naming the key: an unknown backend name; a backend
 whose capabilities cannot resume training (``memory`` holds model tensors only and keeps
 nothing on disk; it is for weight sync to a generator); TorchTitan options this Checkpointer
-does not implement (torchft, ``last_save_in_hf``, quantized HF loads).
+does not implement (torchft, ``last_save_in_hf``, quantized HF loads, an HF initial load from
+``model.hf_assets_path`` without ``initial_load_path``).
 """
 
 from __future__ import annotations
@@ -114,6 +115,11 @@ def check_trainer_config(cfg: Any) -> None:
         )
     if cfg.initial_load_in_hf_quantized:
         raise ConfigError("checkpoint.initial_load_in_hf_quantized = true is not supported by titan-checkpointing")
+    if cfg.initial_load_in_hf and not cfg.initial_load_path:
+        raise ConfigError(
+            "checkpoint.initial_load_in_hf = true without checkpoint.initial_load_path: TorchTitan's own checkpointer "
+            "would read model.hf_assets_path; name the Hugging Face directory in checkpoint.initial_load_path"
+        )
     if not cfg.enable:
         return
     from .backend import BackendNotFoundError, available_backends, backend_spec
