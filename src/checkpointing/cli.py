@@ -181,12 +181,17 @@ def _print_rows(rows: list[dict[str, Any]], indent: str) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .mixed_folder import warning
     from .units import human_bytes
 
     found = locate(args.path)
     described = [describe_step(s) for s in found.steps]
+    mixed = warning(found.path) if found.is_folder else None
+    if mixed:
+        print(f"ckpt: warning: {mixed}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"path": found.path, "folder": found.is_folder, "steps": described, "leftovers": found.leftovers}, indent=1))
+        print(json.dumps({"path": found.path, "folder": found.is_folder, "steps": described, "leftovers": found.leftovers,
+                          "warnings": [mixed] if mixed else []}, indent=1))
         return EXIT_OK
     if found.is_folder:
         print(f"{found.path}: checkpoint folder, {len(found.steps)} committed step(s): {[s.name for s in found.steps]}")
