@@ -124,6 +124,11 @@ def validate_checkpoint_config(cfg: Any, prefix: str = "checkpoint") -> None:
         )
     if cfg.load_step < -1:
         raise ConfigError(f"{prefix}.load_step = {cfg.load_step}; allowed: -1 (newest) or a step >= 0")
+    if cfg.last_save_in_hf and not cfg.last_save_model_only:
+        raise ConfigError(
+            f"{prefix}.last_save_in_hf = true needs {prefix}.last_save_model_only = true: "
+            "a Hugging Face directory holds only model weights"
+        )
     if cfg.initial_load_in_hf and not cfg.initial_load_model_only:
         raise ConfigError(
             f"{prefix}.initial_load_in_hf = true needs {prefix}.initial_load_model_only = true: "
@@ -133,6 +138,11 @@ def validate_checkpoint_config(cfg: Any, prefix: str = "checkpoint") -> None:
         table = getattr(cfg, f.name)
         if isinstance(table, ValidatedOptions) and is_dataclass(table):
             table.validate(f"{prefix}.{f.name}")
+
+
+def hf_export_backend() -> str:
+    """The backend that writes TorchTitan's ``last_save_in_hf`` export (a Hugging Face directory)."""
+    return "hf"
 
 
 def initial_load_reader(cfg: Any) -> str:

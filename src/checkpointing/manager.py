@@ -34,7 +34,7 @@ from .backend import (
     ViewReader,
     backend_spec,
 )
-from .config import backend_options, initial_load_reader, validate_checkpoint_config
+from .config import backend_options, hf_export_backend, initial_load_reader, validate_checkpoint_config
 from .distributed import is_distributed
 from .dtypes import torch_dtype
 from .errors import AsyncSaveError, CheckpointError, ConfigError, StepNotFoundError
@@ -140,6 +140,7 @@ class Checkpointer:
         """Step of the last successful load (the generator's policy version); -1 before any."""
         self.stats = CheckpointStats()
         self._backend: Backend | None = None
+        self._exporter: Backend | None = None
         self._lease: Lease | None = None
         self._pending: Future | None = None
         self._staging: Future | None = None
@@ -158,6 +159,11 @@ class Checkpointer:
             )
         if self.async_mode != "disabled":
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-async")
+        if self.config.last_save_in_hf and sd_adapter is None and not self.load_only:
+            raise ConfigError(
+                "checkpoint.last_save_in_hf = true writes the last step as a Hugging Face directory, which needs the "
+                "model's TorchTitan state-dict adapter (sd_adapter)"
+            )
         if isinstance(self._backend, CleansPartials) and not self.load_only:
             self._backend.cleanup_partials()
 
@@ -264,7 +270,9 @@ class Checkpointer:
             state = self._model_only_state(self.export_dtype)
         else:
             state = self._full_state()
-        if self.async_mode == "disabled" or last_step:
+        if last_step and self.config.last_save_in_hf:
+            self._write_and_purge(curr_step, state, begin, self._hf_exporter())
+        elif self.async_mode == "disabled" or last_step:
             self._write_and_purge(curr_step, state, begin)
         else:
             self._save_async(curr_step, state)
@@ -276,17 +284,26 @@ class Checkpointer:
         self._wait_pending()
         self._write_and_purge(0, self._model_only_state(), time.monotonic())
 
-    def _write_and_purge(self, step: int, state: StepState, begin: float) -> None:
-        self.backend.write(step, state)
+    def _write_and_purge(self, step: int, state: StepState, begin: float, writer: Backend | None = None) -> None:
+        writer = writer or self.backend
+        writer.write(step, state)
         nbytes = tensor_bytes(state.flat())
         seconds = time.monotonic() - begin
         self.stats.saves += 1
         self.stats.last_save_step, self.stats.last_save_bytes = step, nbytes
         log.info(
             "Finished saving the checkpoint step %d (backend %s, %s) in %.2f seconds, %s.",
-            step, self.backend_name, self.backend.location, seconds, human_bytes(nbytes),
+            step, self.backend_name if writer is self.backend else hf_export_backend(), writer.location, seconds,
+            human_bytes(nbytes),
         )
         self._purge_stale()
+
+    def _hf_exporter(self) -> Backend:
+        """``last_save_in_hf``: TorchTitan's last-step export as a Hugging Face directory, in the
+        same folder as the steps (``step-N``), whatever backend writes the other steps."""
+        if self._exporter is None:
+            self._exporter = self._build_backend(hf_export_backend(), self.folder)
+        return self._exporter
 
     def _purge_stale(self) -> None:
         k = self.config.keep_latest_k
@@ -363,7 +380,7 @@ class Checkpointer:
         nothing to load; an error when a named step is missing or the checkpoint is damaged."""
         self._raise_if_closed()
         if not self.enable:
-            log.warning("Checkpointer.load() called with checkpoint.enable = false: nothing loaded")
+            log.info("Checkpointer.load() called with checkpoint.enable = false: nothing loaded")
             return False
         self._wait_pending()
         begin = time.monotonic()
@@ -498,6 +515,15 @@ class Checkpointer:
     # -- initial load
     def _initial_load(self) -> bool:
         path = self.config.initial_load_path
+        if not path and self.config.initial_load_in_hf:
+            # As TorchTitan: the Hugging Face weights beside the tokenizer (model.hf_assets_path,
+            # which TorchTitan's state-dict adapter carries).
+            path = getattr(self.sd_adapter, "hf_assets_path", None)
+            if not path:
+                raise ConfigError(
+                    "checkpoint.initial_load_in_hf = true with no checkpoint.initial_load_path reads model.hf_assets_path "
+                    "through the state-dict adapter, but this Checkpointer has no adapter with an hf_assets_path"
+                )
         if not path:
             return False
         if not os.path.isdir(path):
@@ -549,8 +575,9 @@ class Checkpointer:
             try:
                 self._release_lease()
             finally:
-                if self._backend is not None:
-                    self._backend.close()
+                for backend in (self._exporter, self._backend):
+                    if backend is not None:
+                        backend.close()
 
     def __enter__(self) -> "Checkpointer":
         return self

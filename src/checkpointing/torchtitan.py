@@ -108,18 +108,8 @@ def check_trainer_config(cfg: Any) -> None:
             "(or a module whose JobConfig extends it) in the same TOML: without it TorchTitan's config has no "
             "[checkpoint] backend and the checkpoint backend would be chosen by nobody"
         )
-    if cfg.last_save_in_hf:
-        raise ConfigError(
-            "checkpoint.last_save_in_hf = true is TorchTitan's own HF export; with titan-checkpointing set "
-            "checkpoint.backend = 'hf' instead (every step is then a Hugging Face directory)"
-        )
     if cfg.initial_load_in_hf_quantized:
         raise ConfigError("checkpoint.initial_load_in_hf_quantized = true is not supported by titan-checkpointing")
-    if cfg.initial_load_in_hf and not cfg.initial_load_path:
-        raise ConfigError(
-            "checkpoint.initial_load_in_hf = true without checkpoint.initial_load_path: TorchTitan's own checkpointer "
-            "would read model.hf_assets_path; name the Hugging Face directory in checkpoint.initial_load_path"
-        )
     if not cfg.enable:
         return
     from .backend import BackendNotFoundError, available_backends, backend_spec

@@ -248,3 +248,54 @@ def test_manifest_checksums_computed_while_writing_match_the_files(tmp_path):
     manifest = json.loads(open(os.path.join(step_dir, "manifest.json")).read())
     for rel, entry in manifest["files"].items():
         assert (entry["size"], entry["crc32"]) == crc32_file(os.path.join(step_dir, rel)), rel
+
+
+# ---------------------------------------------------------------------------------- TorchTitan's HF keys
+def test_last_save_in_hf_exports_the_last_step_as_a_hugging_face_directory(tmp_path):
+    """TorchTitan's ``last_save_in_hf``: whatever backend writes the steps, the last one is a
+    model-only HF directory in the same folder, in ``export_dtype``."""
+    model = build_titan_model("llama3", seed=0)
+    cfg = CheckpointConfig(enable=True, backend="dcp", folder="checkpoint", interval=1, last_save_model_only=True,
+                           last_save_in_hf=True, export_dtype="bfloat16")
+    with Checkpointer(model_parts=[model], checkpoint_config=cfg, sd_adapter=adapter_for(model, "llama3"),
+                      base_folder=str(tmp_path)) as c:
+        c.save(1)
+        c.save(2, last_step=True)
+    folder = tmp_path / "checkpoint"
+    assert (folder / "step-1" / ".metadata").is_file()
+    assert (folder / "step-2" / "model.safetensors.index.json").is_file() and (folder / "step-2" / "config.json").is_file()
+    other = build_titan_model("llama3", seed=5).to(torch.bfloat16)
+    read = hf_config(initial_load_path=str(folder / "step-2"), initial_load_in_hf=True, initial_load_model_only=True)
+    with Checkpointer(model_parts=[other], checkpoint_config=read, sd_adapter=adapter_for(other, "llama3"),
+                      base_folder=str(tmp_path / "run")) as r:
+        assert r.load()
+    assert_state_equal({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, other.state_dict())
+
+
+def test_last_save_in_hf_needs_model_only_and_an_adapter(tmp_path):
+    from checkpointing import ConfigError
+
+    with pytest.raises(ConfigError, match="last_save_in_hf = true needs checkpoint.last_save_model_only"):
+        CheckpointConfig(last_save_in_hf=True, last_save_model_only=False)
+    cfg = CheckpointConfig(enable=True, last_save_in_hf=True, last_save_model_only=True)
+    with pytest.raises(ConfigError, match="state-dict adapter"):
+        Checkpointer(model_parts=[build_titan_model()], checkpoint_config=cfg, base_folder=str(tmp_path))
+
+
+def test_initial_load_in_hf_without_a_path_reads_the_adapters_hf_assets_path(tmp_path):
+    """As TorchTitan: with no initial_load_path, HF weights come from model.hf_assets_path."""
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    model, step_dir = save_model_step(tmp_path / "src", "qwen3", seed=0)
+    other = build_titan_model("qwen3", seed=7)
+    adapter = get_train_spec("qwen3").state_dict_adapter(other.model_args, step_dir)
+    cfg = hf_config(initial_load_in_hf=True, initial_load_model_only=True)
+    with Checkpointer(model_parts=[other], checkpoint_config=cfg, sd_adapter=adapter, base_folder=str(tmp_path / "run")) as c:
+        assert c.load() and c.stats.last_load_path == "initial"
+    assert_state_equal(model.state_dict(), other.state_dict())
+    with Checkpointer(model_parts=[other], checkpoint_config=cfg, sd_adapter=adapter_for(other, "qwen3"),
+                      base_folder=str(tmp_path / "run2")) as c:
+        from checkpointing import ConfigError
+
+        with pytest.raises(ConfigError, match="hf_assets_path"):
+            c.load()

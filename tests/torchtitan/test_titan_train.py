@@ -53,9 +53,7 @@ def test_unknown_backend_is_one_line_and_exit_2_before_training(tmp_path, monkey
 
 @pytest.mark.parametrize("args, says", [
     (["--checkpoint.backend=memory"], "checkpoint.backend = 'memory' cannot checkpoint TorchTitan's trainer"),
-    (["--checkpoint.backend=dcp", "--checkpoint.last_save_in_hf"], "checkpoint.last_save_in_hf"),
     (["--checkpoint.interval=0"], "checkpoint.interval = 0"),
-    (["--checkpoint.initial_load_in_hf"], "checkpoint.initial_load_in_hf = true without checkpoint.initial_load_path"),
     ([], None),
 ])
 def test_config_is_checked_before_torchtitan_starts(args, says):
