@@ -7,13 +7,26 @@ through vLLM's RPC, and the generator keeps no TorchTitan copy of the model.
 
 * :func:`engine_kwargs`: the ``LLM(...)`` arguments that select the engine (registered in
   every vLLM process by the ``vllm.general_plugins`` entry point, :mod:`.plugin`).
+* :func:`write_model_config`: the ``config.json`` vLLM starts from (the ``hf`` backend's).
 * :class:`VLLMWeightSync`: init the engine from a ``[weight_sync]`` table, ``load()`` versions.
 
 Needs vLLM 0.32 (``pip install -e '.[vllm]'`` on CUDA, ``tools/install.sh`` on CPU). Importing
 this package does not import vLLM.
 """
 
+from ._seam import TensorSpec
 from .client import INITIAL_VERSION, WORKER_EXTENSION, VLLMWeightSync, engine_kwargs, init_info
+from .model_dir import published_specs, write_model_config
 from .plugin import ENGINE_NAME
 
-__all__ = ["ENGINE_NAME", "WORKER_EXTENSION", "INITIAL_VERSION", "VLLMWeightSync", "engine_kwargs", "init_info"]
+__all__ = [
+    "ENGINE_NAME",
+    "WORKER_EXTENSION",
+    "INITIAL_VERSION",
+    "VLLMWeightSync",
+    "engine_kwargs",
+    "init_info",
+    "published_specs",
+    "write_model_config",
+    "TensorSpec",
+]

@@ -21,8 +21,9 @@ from typing import Any, Mapping
 from .. import errors
 from ..errors import CheckpointError
 from ._seam import TensorSpec
+from .model_dir import published_specs
 from .plugin import ENGINE_NAME
-from .wire import encode_dataclass, encode_specs
+from .wire import encode_checkpoint_config, encode_dataclass, encode_specs
 
 WORKER_EXTENSION = "checkpointing.vllm.worker.CheckpointerWorkerExtension"
 INITIAL_VERSION = "initial"
@@ -43,13 +44,16 @@ def init_info(
     *,
     model_name: str,
     model_args: Any,
-    specs: Mapping[str, TensorSpec],
+    specs: Mapping[str, TensorSpec] | None = None,
     hf_assets_path: str | None = None,
 ) -> dict[str, Any]:
-    """The plain-data ``init_info`` the worker builds its Checkpointer from."""
+    """The plain-data ``init_info`` the worker builds its Checkpointer from. ``specs``: the
+    published tensors (default: those of the TorchTitan model ``model_name`` over ``model_args``)."""
     config = dataclasses.replace(checkpoint_config, load_only=True)
+    if specs is None:
+        specs = published_specs(model_name, model_args)
     return {
-        "checkpoint": encode_dataclass(config),
+        "checkpoint": encode_checkpoint_config(config),
         "base_folder": base_folder,
         "model_name": model_name,
         "model_args": encode_dataclass(model_args),

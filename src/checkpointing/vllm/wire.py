@@ -80,6 +80,16 @@ def _resolve(path: str) -> type:
     return cls
 
 
+def encode_checkpoint_config(config: Any) -> dict[str, Any]:
+    """A ``[checkpoint]``-shaped table (ours, TorchTitan's merged one, an RL role's subclass) as
+    the library's own :class:`~checkpointing.config.CheckpointConfig`, the class the worker
+    rebuilds."""
+    from ..config import CheckpointConfig
+
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(CheckpointConfig) if f.init and hasattr(config, f.name)}
+    return encode_dataclass(CheckpointConfig(**values))
+
+
 def encode_specs(specs: Mapping[str, TensorSpec]) -> dict[str, list]:
     return {name: [list(s.shape), dtype_name(s.dtype)] for name, s in specs.items()}
 
