@@ -61,14 +61,16 @@ class SinkCheckpointer:
     """``Checkpointer(checkpoint_config=..., base_folder=..., sink=...)`` as seam v2 will have it:
     ``load(step=-1) -> bool``, ``loaded_step``, ``latest_step()``, ``close()``."""
 
-    def __init__(self, checkpoint_config: Any, base_folder: str, sink: TensorSink):
+    def __init__(self, checkpoint_config: Any, base_folder: str, sink: TensorSink, sd_adapter: Any = None):
         self.config = checkpoint_config
         self.base_folder = base_folder
+        self.sd_adapter = sd_adapter
         self.sink = sink
         self.loaded_step = -1
         # Lists steps only; its meta tensors hold no memory and are never loaded into.
         self._lister = Checkpointer(
-            model_parts=[staging_module(sink.specs(), "meta")], checkpoint_config=checkpoint_config, base_folder=base_folder
+            model_parts=[staging_module(sink.specs(), "meta")], checkpoint_config=checkpoint_config, base_folder=base_folder,
+            sd_adapter=sd_adapter,
         )
 
     def latest_step(self) -> int:
@@ -77,7 +79,9 @@ class SinkCheckpointer:
     @torch.no_grad()
     def load(self, step: int = -1) -> bool:
         staging = staging_module(self.sink.specs(), "cpu")
-        reader = Checkpointer(model_parts=[staging], checkpoint_config=self.config, base_folder=self.base_folder)
+        reader = Checkpointer(
+            model_parts=[staging], checkpoint_config=self.config, base_folder=self.base_folder, sd_adapter=self.sd_adapter
+        )
         try:
             if not reader.load(step):
                 return False

@@ -82,7 +82,7 @@ class VLLMWeightSync:
             return False
         loaded = status["loaded_step"]
         self.llm.finish_weight_update(weight_version=str(loaded) if loaded >= 0 else INITIAL_VERSION)
-        self.llm.reset_prefix_cache()
+        self.llm.reset_prefix_cache()  # KV computed with the previous weights must never be reused
         return True
 
     @property

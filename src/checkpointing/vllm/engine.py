@@ -77,7 +77,7 @@ class CheckpointerWeightTransferEngine(WeightTransferEngine[CheckpointerInitInfo
             config = dataclasses.replace(config, load_only=True)  # a reader never cleans a publisher's files
         adapter = state_dict_adapter(init_info.model_name, decode_dataclass(init_info.model_args), init_info.hf_assets_path)
         self.sink = VLLMSink(lambda: (self.model, self.model_config), adapter, decode_specs(init_info.specs))
-        self.checkpointer = SinkCheckpointer(config, init_info.base_folder, self.sink)
+        self.checkpointer = SinkCheckpointer(config, init_info.base_folder, self.sink, sd_adapter=adapter)
 
     def start_weight_update(self) -> None:
         self._require_init()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import warnings
 from typing import Any
 
 import torch
@@ -92,9 +91,8 @@ def _sha256(t: torch.Tensor) -> str:
 def model_census() -> dict[str, int]:
     """What this process holds of TorchTitan's model: its modules and their parameter bytes.
     A vLLM generator fed by the Checkpointer should hold none (the sink keeps no tensor)."""
-    with warnings.catch_warnings():  # isinstance() on torch's deprecated module aliases warns
-        warnings.simplefilter("ignore")
-        modules = [o for o in gc.get_objects() if isinstance(o, nn.Module) and type(o).__module__.startswith("torchtitan.")]
+    # type(), not isinstance(): the heap holds dead weak proxies, which raise on isinstance().
+    modules = [o for o in gc.get_objects() if issubclass(type(o), nn.Module) and type(o).__module__.startswith("torchtitan.")]
     params = {id(p): p for m in modules for p in m.parameters(recurse=False) if p.device.type != "meta"}
     nbytes = sum(p.numel() * p.element_size() for p in params.values())
     return {"torchtitan_modules": len(modules), "torchtitan_parameter_bytes": nbytes}
