@@ -91,8 +91,17 @@ def _sha256(t: torch.Tensor) -> str:
 def model_census() -> dict[str, int]:
     """What this process holds of TorchTitan's model: its modules and their parameter bytes.
     A vLLM generator fed by the Checkpointer should hold none (the sink keeps no tensor)."""
-    # type(), not isinstance(): the heap holds dead weak proxies, which raise on isinstance().
-    modules = [o for o in gc.get_objects() if issubclass(type(o), nn.Module) and type(o).__module__.startswith("torchtitan.")]
-    params = {id(p): p for m in modules for p in m.parameters(recurse=False) if p.device.type != "meta"}
+    # vLLM freezes the heap at start-up (gc.freeze) and get_objects() skips frozen objects: look
+    # at them too, then freeze again (everything alive now, as vLLM's own freeze would).
+    frozen = gc.get_freeze_count() > 0
+    if frozen:
+        gc.unfreeze()
+    try:
+        # type(), not isinstance(): the heap holds dead weak proxies, which raise on isinstance().
+        modules = [o for o in gc.get_objects() if issubclass(type(o), nn.Module) and type(o).__module__.startswith("torchtitan.")]
+    finally:
+        if frozen:
+            gc.freeze()
+    params = {id(p): p for m in modules for p in m.parameters() if p.device.type != "meta"}
     nbytes = sum(p.numel() * p.element_size() for p in params.values())
     return {"torchtitan_modules": len(modules), "torchtitan_parameter_bytes": nbytes}
