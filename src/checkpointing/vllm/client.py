@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 from .. import errors
 from ..errors import CheckpointError
-from ._seam import TensorSpec
+from ..receiver import TensorSpec
 from .model_dir import published_specs
 from .plugin import ENGINE_NAME
 from .wire import encode_checkpoint_config, encode_dataclass, encode_specs

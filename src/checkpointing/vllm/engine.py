@@ -26,7 +26,7 @@ from vllm.distributed.weight_transfer.base import WeightTransferEngine, WeightTr
 
 from ..errors import CheckpointError, ConfigError
 from .sink import VLLMSink
-from .wire import decode_dataclass, decode_specs
+from .wire import decode_checkpoint_config, decode_dataclass, decode_specs
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class CheckpointerInitInfo(WeightTransferInitInfo):
     """Built by :func:`checkpointing.vllm.init_info` in the caller (plain data)."""
 
     checkpoint: dict[str, Any] = field(default_factory=dict)
-    """The ``[weight_sync]``-shaped CheckpointConfig, encoded by :mod:`.wire`."""
+    """The ``[weight_sync]``-shaped CheckpointConfig as plain tables (:mod:`.wire`)."""
     base_folder: str = ""
     model_name: str = ""
     """TorchTitan train-spec name (``qwen3``, ``llama3``): whose state-dict adapter renames."""
@@ -68,16 +68,17 @@ class CheckpointerWeightTransferEngine(WeightTransferEngine[CheckpointerInitInfo
         """Whether the last update found a version to load (False: nothing published yet)."""
 
     def init_transfer_engine(self, init_info: CheckpointerInitInfo) -> None:
-        from ._seam import SinkCheckpointer
+        from ..manager import Checkpointer
 
         self.shutdown()
         self.error = None
-        config = decode_dataclass(init_info.checkpoint)
-        if not getattr(config, "load_only", False):
-            config = dataclasses.replace(config, load_only=True)  # a reader never cleans a publisher's files
+        # A reader: never saves, never cleans up the publisher's files.
+        config = dataclasses.replace(decode_checkpoint_config(init_info.checkpoint), load_only=True)
         adapter = state_dict_adapter(init_info.model_name, decode_dataclass(init_info.model_args), init_info.hf_assets_path)
         self.sink = VLLMSink(lambda: (self.model, self.model_config), adapter, decode_specs(init_info.specs))
-        self.checkpointer = SinkCheckpointer(config, init_info.base_folder, self.sink, sd_adapter=adapter)
+        self.checkpointer = Checkpointer(
+            checkpoint_config=config, base_folder=init_info.base_folder, sd_adapter=adapter, sink=self.sink
+        )
 
     def start_weight_update(self) -> None:
         self._require_init()

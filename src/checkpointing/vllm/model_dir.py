@@ -17,7 +17,7 @@ import torch
 
 from ..backends.hf.hf_config import hf_config
 from ..errors import ConfigError
-from ._seam import TensorSpec
+from ..receiver import TensorSpec
 
 
 def meta_model(model_name: str, model_args: Any) -> torch.nn.Module:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from ..errors import StateMismatchError
-from ._seam import TensorSpec
+from ..receiver import TensorSpec
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,9 @@ need vLLM's insecure (pickle) serialization, which we never turn on. So the thre
 worker needs to build its Checkpointer are encoded here as plain trees and rebuilt on the other
 side:
 
-* the ``[weight_sync]``-shaped checkpoint config (a dataclass tree),
+* the ``[weight_sync]``-shaped checkpoint config, as nested tables of values (rebuilt from the
+  worker's own ``CheckpointConfig`` class, whose ``[<backend>]`` tables come from the same
+  backend registry, plugins included),
 * the TorchTitan model args (a dataclass tree; the worker builds TorchTitan's state-dict adapter
   from them, and only from classes under ``torchtitan.``: no other code is imported by name),
 * the specs of the published tensors (name -> shape, dtype), which a load must match exactly.
@@ -16,17 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import typing
 from typing import Any, Mapping
 
 import torch
 
 from ..errors import ConfigError
-from ._seam import TensorSpec
+from ..receiver import TensorSpec
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64,
                                                        torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool)}
 _CLASS = "__class__"
-ALLOWED_MODULE_PREFIXES = ("torchtitan.", "checkpointing.")
+ALLOWED_MODULE_PREFIXES = ("torchtitan.",)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -56,7 +59,7 @@ def encode_dataclass(obj: Any) -> Any:
 
 
 def decode_dataclass(tree: Any) -> Any:
-    """Rebuild what :func:`encode_dataclass` wrote; classes only from TorchTitan and this package."""
+    """Rebuild what :func:`encode_dataclass` wrote; classes only from TorchTitan."""
     if isinstance(tree, dict) and _CLASS in tree:
         cls = _resolve(tree[_CLASS])
         kwargs = {k: decode_dataclass(v) for k, v in tree.items() if k != _CLASS}
@@ -82,12 +85,44 @@ def _resolve(path: str) -> type:
 
 def encode_checkpoint_config(config: Any) -> dict[str, Any]:
     """A ``[checkpoint]``-shaped table (ours, TorchTitan's merged one, an RL role's subclass) as
-    the library's own :class:`~checkpointing.config.CheckpointConfig`, the class the worker
-    rebuilds."""
-    from ..config import CheckpointConfig
+    nested plain tables: its fields and its backends' option tables, no class names."""
+    if not dataclasses.is_dataclass(config):
+        raise ConfigError(f"a checkpoint config must be a dataclass, got {type(config).__name__}")
+    return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config) if f.init}
 
-    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(CheckpointConfig) if f.init and hasattr(config, f.name)}
-    return encode_dataclass(CheckpointConfig(**values))
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ConfigError(f"checkpoint config value {value!r} ({type(value).__name__}) cannot cross to the vLLM worker")
+
+
+def decode_checkpoint_config(tree: Mapping[str, Any]) -> Any:
+    """The worker's own ``CheckpointConfig`` (validated) from :func:`encode_checkpoint_config`'s
+    tables; keys it does not know (a role's extra fields) are errors naming them."""
+    from .. import config as config_module
+
+    cls = config_module.CheckpointConfig
+    return _build(cls, tree, "weight_sync")
+
+
+def _build(cls: type, tree: Mapping[str, Any], prefix: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(tree) - set(known))
+    if unknown:
+        raise ConfigError(f"{prefix}: keys {unknown} are not fields of the vLLM worker's {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in tree.items():
+        tp = hints.get(name)
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
+            value = _build(tp, value, f"{prefix}.{name}")
+        values[name] = value
+    return cls(**values)
 
 
 def encode_specs(specs: Mapping[str, TensorSpec]) -> dict[str, list]:

@@ -98,7 +98,7 @@ class VLLMEngine:
             base_folder=cfg.job.dump_folder,
         )
         try:
-            return probe.backend.capabilities.cross_process
+            return probe.capabilities.cross_process
         finally:
             probe.close()
 
