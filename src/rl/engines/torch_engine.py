@@ -31,7 +31,9 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 class TorchEngine:
-    def __init__(self, model: nn.Module, weights, *, device: torch.device, pad_id: int, eos_id: int, banned: torch.Tensor | None):
+    def __init__(
+        self, model: nn.Module, *, device: torch.device, pad_id: int, eos_id: int, banned: torch.Tensor | None, weights=None
+    ):
         self.model = model.eval()
         self.weights = weights
         self.device = device
@@ -54,7 +56,7 @@ class TorchEngine:
             sd_adapter=state_dict_adapter(name, flavor, hf_assets_path(cfg)),
         )
         banned = banned_token_mask(model.model_args.vocab_size, tokenizer)
-        return cls(model, weights, device=device, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id, banned=banned)
+        return cls(model, device=device, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id, banned=banned, weights=weights)
 
     @torch.no_grad()
     def generate(self, prompts: torch.Tensor, params: SamplingParams, seed: int) -> Rollout:
@@ -82,4 +84,5 @@ class TorchEngine:
         return token_logprobs(self.model, sequences.to(self.device), prompt_length, temperature, self.banned).float()
 
     def close(self) -> None:
-        self.weights.close()
+        if self.weights is not None:
+            self.weights.close()
