@@ -87,7 +87,8 @@ class CheckpointerWeightTransferEngine(WeightTransferEngine[CheckpointerInitInfo
         pass  # the reload finished inside receive_weights, after every check passed
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
-        # The base class ends with an accelerator sync, which the reload does not need on CPU.
+        # The base class ends with torch.accelerator.synchronize(), which has no device to sync on
+        # a CPU-only machine; the sink synchronizes CUDA itself before the lease is released.
         self.receive_weights(self.parse_update_info(update_info))
 
     def receive_weights(self, update_info: CheckpointerUpdateInfo) -> None:

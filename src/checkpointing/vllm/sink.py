@@ -80,6 +80,8 @@ class VLLMSink:
         initialize_layerwise_reload(model)
         loaded = model.load_weights(iter(hf_state.items()))
         finalize_layerwise_reload(model, model_config)
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # the tensors may be a lease's views: no copy from them may still be queued
         del hf_state
         self._check_all_loaded(model, loaded, step)
         self.updates += 1
