@@ -147,7 +147,6 @@ class Route:
 
 def worker(method: str, args) -> dict:
     import torch
-
     from weight_sync import proc_status
 
     model, margs = build_trainer(args.size_gb)
@@ -157,7 +156,7 @@ def worker(method: str, args) -> dict:
 
     def memcpy() -> float:
         t0 = time.perf_counter()
-        for d, s in zip(dst, src):
+        for d, s in zip(dst, src, strict=True):
             d.copy_(s)
         return time.perf_counter() - t0
 
@@ -195,7 +194,7 @@ def worker(method: str, args) -> dict:
         "reload_ratio": statistics.median(r["reload_ratio"] for r in runs),
         "seconds": statistics.median(r["total"] for r in runs),
         "min_s": min(r["total"] for r in runs),
-        "ratio": statistics.median(r["total"] / c for r, c in zip(runs, copies)),
+        "ratio": statistics.median(r["total"] / c for r, c in zip(runs, copies, strict=True)),
         "all_weights_changed": bool(after) and all(after[k] != before[k] for k in after),
         "weights_checked": len(after),
         "peak_rss": status["VmHWM"],
@@ -268,7 +267,7 @@ def plot(results: list[dict], path: str) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("x memcpy of the same bytes (log)")
     ax.set_title(f"a new version into vLLM, {ok[0]['model_bytes'] / GB:.2f} GB fp32 (publish + load)")
-    for bar, r in zip(bars, ok):
+    for bar, r in zip(bars, ok, strict=True):
         ax.annotate(f"{r['ratio']:.1f}x\n{r['seconds'] * 1e3:.0f} ms", (bar.get_x() + bar.get_width() / 2, r["ratio"]),
                     ha="center", va="bottom", fontsize=8)
         if r["method"] in TARGETS:

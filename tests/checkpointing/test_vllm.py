@@ -106,13 +106,13 @@ def vllm_samples(llm, prompts, seed: int = 0):
     for out in outs:
         sample = out.outputs[0]
         ids = list(sample.token_ids)
-        result.append((ids, torch.tensor([ranked[t].logprob for t, ranked in zip(ids, sample.logprobs)])))
+        result.append((ids, torch.tensor([ranked[t].logprob for t, ranked in zip(ids, sample.logprobs, strict=True)])))
     return result
 
 
 def assert_vllm_serves(llm, model, prompts=PROMPTS, tol: float = 1e-5):
     assert vllm_greedy(llm, prompts) == [greedy(model, p) for p in prompts]
-    for prompt, (ids, logprobs) in zip(prompts, vllm_samples(llm, prompts)):
+    for prompt, (ids, logprobs) in zip(prompts, vllm_samples(llm, prompts), strict=True):
         torch.testing.assert_close(logprobs, policy_logprobs(model, prompt, ids), atol=tol, rtol=0)
 
 

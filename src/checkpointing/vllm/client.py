@@ -16,7 +16,8 @@ invalidate vLLM's prefix cache, and KV computed with the previous weights must n
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .. import errors
 from ..errors import CheckpointError

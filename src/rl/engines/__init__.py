@@ -41,7 +41,7 @@ class Rollout:
     def sequences(self) -> torch.Tensor:
         return torch.cat([self.prompts, self.completions], dim=1)
 
-    def to(self, device: torch.device | str) -> "Rollout":
+    def to(self, device: torch.device | str) -> Rollout:
         return Rollout(
             self.prompts.to(device), self.completions.to(device), self.logprobs.to(device), self.mask.to(device),
             self.policy_version,
@@ -68,7 +68,7 @@ class Engine(Protocol):
     """Pulls published versions into the engine's weights."""
 
     @classmethod
-    def build(cls, cfg, *, device: torch.device, tokenizer) -> "Engine":
+    def build(cls, cfg, *, device: torch.device, tokenizer) -> Engine:
         """Everything from the job config: model, weights reader, sampler, on ``device``."""
 
     def generate(self, prompts: torch.Tensor, params: SamplingParams, seed: int) -> Rollout:

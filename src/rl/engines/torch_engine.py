@@ -42,7 +42,7 @@ class TorchEngine:
         self.banned = banned
 
     @classmethod
-    def build(cls, cfg, *, device: torch.device, tokenizer) -> "TorchEngine":
+    def build(cls, cfg, *, device: torch.device, tokenizer) -> TorchEngine:
         """The TorchTitan model in the generator dtype (NaN until the first load) and a
         ``[weight_sync]`` Checkpointer over it."""
         name, flavor = cfg.model.name, cfg.model.flavor

@@ -103,7 +103,7 @@ class VLLMEngine:
             probe.close()
 
     @classmethod
-    def build(cls, cfg, *, device: torch.device, tokenizer) -> "VLLMEngine":
+    def build(cls, cfg, *, device: torch.device, tokenizer) -> VLLMEngine:
         return cls(cfg, device=device, tokenizer=tokenizer)
 
     def generate(self, prompts: torch.Tensor, params: SamplingParams, seed: int) -> Rollout:
@@ -125,7 +125,7 @@ class VLLMEngine:
             sample = out.outputs[0]
             ids = list(sample.token_ids)[: params.max_new_tokens]
             completions[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            for t, (token, ranked) in enumerate(zip(ids, sample.logprobs or [])):
+            for t, (token, ranked) in enumerate(zip(ids, sample.logprobs or [], strict=False)):
                 logprobs[i, t] = ranked[token].logprob
         mask = completion_mask(completions, self.eos_id)
         return Rollout(prompts=prompts.cpu(), completions=completions, logprobs=masked(logprobs, mask), mask=mask)
