@@ -498,6 +498,7 @@ def parse_args(argv=None):
     p.add_argument("--png", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "benchmarks_weight_sync.png"))
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--from-json", help="print the table and draw the chart of an earlier --json run, measuring nothing")
+    p.add_argument("--vllm", action="store_true", help="also the vLLM rows (weight_sync_vllm.py, its own table and chart)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--shm-reader", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -527,6 +528,10 @@ def main(argv=None) -> int:
     if any("seconds" in r for r in results):
         plot(results, args.png)
         print(f"chart: {os.path.normpath(args.png)}")
+    if args.vllm and not args.from_json:
+        import weight_sync_vllm
+
+        weight_sync_vllm.main(["--repeats", str(min(args.repeats, 5))])
     return 0
 
 

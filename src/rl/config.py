@@ -20,6 +20,7 @@ from checkpointing import JobConfig as CheckpointJobConfig
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 PROCESS_MODES = ("colocated", "separate")
+VLLM_PROCESS_MODES = ("auto", "multiprocess", "in_process")
 
 
 class _ValidatedLater:
@@ -84,7 +85,8 @@ class RLConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     engine: str = "torch"
-    """Generation engine: ``torch`` (pure PyTorch, CPU/GPU) or ``vllm`` (optional extra, GPU)."""
+    """Generation engine: ``torch`` (pure PyTorch, CPU/GPU) or ``vllm`` (optional extra, vLLM 0.32
+    on CPU or CUDA; see docs/rl.md)."""
     generator_dtype: str = "float32"
     """Dtype of the generator's model copy (``bfloat16`` halves it; the trainer stays fp32)."""
     device: str = "auto"
@@ -110,7 +112,17 @@ class RLConfig:
     """Show the tqdm progress bar."""
     plot: bool = True
     """Write ``metrics.png`` (reward and weight-sync time per step) at the end."""
+    vllm_process_mode: str = "auto"
+    """Where vLLM's engine core (and so its worker's weight_sync Checkpointer) runs:
+    ``multiprocess`` (vLLM's default: a child process; the weight_sync backend must reach other
+    processes, e.g. memory ``shm``, dcp, hf), ``in_process`` (this process; memory ``local``
+    works), or ``auto``: multiprocess when the weight_sync backend as configured reaches another
+    process, else in_process."""
+    vllm_kv_cache_mb: int = 64
+    """vLLM's KV cache, MiB (``kv_cache_memory_bytes``). On CPU this is the only sizing that
+    means what it says: ``gpu_memory_utilization`` there is a share of host RAM."""
     vllm_gpu_memory_utilization: float = 0.3
+    """CUDA only: the share of GPU memory vLLM may take (the trainer shares the GPU)."""
 
 
 @dataclass
@@ -138,7 +150,8 @@ def validate_rl(cfg) -> None:
     _one_of("rl.generator_dtype", rl.generator_dtype, DTYPES)
     _one_of("rl.device", rl.device, DEVICES)
     _one_of("rl.process_mode", rl.process_mode, PROCESS_MODES)
-    for key in ("prompts_per_step", "group_size", "max_new_tokens", "task_length"):
+    _one_of("rl.vllm_process_mode", rl.vllm_process_mode, VLLM_PROCESS_MODES)
+    for key in ("prompts_per_step", "group_size", "max_new_tokens", "task_length", "vllm_kv_cache_mb"):
         if getattr(rl, key) < 1:
             raise ConfigError(f"rl.{key} = {getattr(rl, key)}; it must be >= 1")
     if rl.group_size < 2:

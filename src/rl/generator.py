@@ -1,4 +1,4 @@
-"""The generator: an engine plus its own Checkpointer over the engine's model.
+"""The generator: an engine plus its `[weight_sync]` reader (the engine's Checkpointer).
 
 It never receives tensors from the trainer directly. Before every rollout it is told which policy
 version the trainer published and pulls it with ``Checkpointer.load()``; it then checks
@@ -8,7 +8,6 @@ rollout with old weights.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
 
@@ -16,10 +15,7 @@ import torch
 
 from checkpointing import CheckpointError
 
-from .checkpoints import hf_assets_path, open_checkpointer
 from .engines import Rollout, SamplingParams, engine_class
-from .model import DTYPES, build_model, state_dict_adapter
-from .policy import banned_token_mask
 
 
 class StalePolicyError(CheckpointError):
@@ -28,18 +24,9 @@ class StalePolicyError(CheckpointError):
 
 class Generator:
     def __init__(self, cfg: Any, device: torch.device, tokenizer: Any):
-        name, flavor = cfg.model.name, cfg.model.flavor
-        model = build_model(name, flavor, device=device, dtype=DTYPES[cfg.rl.generator_dtype], seed=None)
-        banned = banned_token_mask(model.model_args.vocab_size, tokenizer)
-        self.engine = engine_class(cfg.rl.engine).build(model, device=device, tokenizer=tokenizer, banned=banned, cfg=cfg)
-        self.checkpointer = open_checkpointer(
-            "weight_sync",
-            # A reader: never saves, and never "cleans up" the publisher's in-flight files.
-            dataclasses.replace(cfg.weight_sync, load_only=True),
-            cfg.job.dump_folder,
-            model_parts=[self.engine.model],
-            sd_adapter=state_dict_adapter(name, flavor, hf_assets_path(cfg)),
-        )
+        self.engine = engine_class(cfg.rl.engine).build(cfg, device=device, tokenizer=tokenizer)
+        self.checkpointer = self.engine.weights
+        """The ``[weight_sync]`` reader: a Checkpointer (torch engine) or vLLM's worker-side one."""
         self.timeout_s = cfg.rl.sync_timeout_s
         self.version = -1
         """Policy version the engine's weights hold; -1 before the first pull."""
@@ -64,7 +51,6 @@ class Generator:
                 f"the generator loaded policy version {loaded}, expected {expected_version}: another writer shares "
                 "the weight_sync folder/channel, or a publish was lost"
             )
-        self.engine.weights_updated()
         self.version = loaded
         return time.monotonic() - begin
 
@@ -75,4 +61,4 @@ class Generator:
         return rollout.to("cpu"), sync_seconds
 
     def close(self) -> None:
-        self.checkpointer.close()
+        self.engine.close()

@@ -11,12 +11,19 @@ import pytest
 
 RL_SRC = pathlib.Path(__file__).resolve().parents[2] / "src" / "rl"
 BACKEND_NAMES = {"dcp", "hf", "memory", "local", "shm"}
+PUBLIC_INTEGRATIONS = {"checkpointing.vllm"}
+"""Public integration packages of the library (each with its own ``__all__``): rl may import
+their public names like the package's, and nothing deeper."""
 
 
 def violations(source: str, filename: str = "<src>") -> list[str]:
+    import importlib
+
     import checkpointing
 
-    public = set(checkpointing.__all__)
+    public = {"checkpointing": set(checkpointing.__all__)}
+    for name in PUBLIC_INTEGRATIONS:
+        public[name] = set(importlib.import_module(name).__all__)
     found = []
     for node in ast.walk(ast.parse(source, filename)):
         where = f"{filename}:{getattr(node, 'lineno', '?')}"
@@ -25,12 +32,12 @@ def violations(source: str, filename: str = "<src>") -> list[str]:
                 if alias.name.startswith("checkpointing."):
                     found.append(f"{where}: import {alias.name} (only `from checkpointing import ...`)")
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module.startswith("checkpointing."):
-                found.append(f"{where}: from {node.module} import ... (only the package's public API)")
-            elif node.module == "checkpointing":
+            if node.module in public:
                 for alias in node.names:
-                    if alias.name not in public:
-                        found.append(f"{where}: checkpointing.{alias.name} is not in checkpointing.__all__")
+                    if alias.name not in public[node.module]:
+                        found.append(f"{where}: {node.module}.{alias.name} is not in {node.module}.__all__")
+            elif node.module.startswith("checkpointing."):
+                found.append(f"{where}: from {node.module} import ... (only the package's public API)")
         elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) in (
             "import_module",
             "__import__",
@@ -72,6 +79,9 @@ def test_rl_uses_only_the_public_api_and_never_branches_on_a_backend():
         "from checkpointing.backends.memory import MemoryBackend",
         "from checkpointing.config import validate_checkpoint_config",
         "from checkpointing import create_backend",
+        "from checkpointing.vllm.engine import CheckpointerWeightTransferEngine",
+        "from checkpointing.vllm import describe_error",
+        "import checkpointing.vllm",
         "importlib.import_module('checkpointing.backends.hf')",
         "if cfg.weight_sync.backend == 'memory': pass",
         "x = 1 if backend in ('dcp', 'hf') else 2",
@@ -84,5 +94,8 @@ def test_the_checker_catches_each_kind_of_violation(snippet):
 
 
 def test_the_checker_accepts_the_allowed_forms():
-    ok = "from checkpointing import Checkpointer, ConfigError\nif engine == 'torch': pass\nx = {'backend': 'dcp'}"
+    ok = (
+        "from checkpointing import Checkpointer, ConfigError\nif engine == 'torch': pass\nx = {'backend': 'dcp'}\n"
+        "from checkpointing.vllm import VLLMWeightSync"
+    )
     assert violations(ok) == []

