@@ -83,7 +83,7 @@ def test_optional_capabilities_are_found_by_type(tmp_path):
 def test_backend_option_bounds_are_named_from_python_too():
     from checkpointing.backends.memory import MemoryOptions
 
-    with pytest.raises(ConfigError, match=r"checkpoint.memory.keep_versions = 0; allowed: 1 to 64"):
+    with pytest.raises(ConfigError, match=r"checkpoint.memory.keep_versions = 0; allowed: 1 to 63"):
         CheckpointConfig(memory=MemoryOptions(keep_versions=0))
 
 
