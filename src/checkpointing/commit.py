@@ -1,7 +1,7 @@
 """The commit protocol every on-disk backend shares.
 
 A step is written into a hidden staging directory, every file is fsynced, a manifest with each
-file's size and CRC32 is written last, and one ``rename`` makes ``step-N`` appear. A crash at
+file's size and digest (:mod:`checkpointing.checksum`: xxh3, CRC32 in older steps) is written last, and one ``rename`` makes ``step-N`` appear. A crash at
 any instant therefore leaves either no ``step-N`` or a complete one; staging leftovers are never
 listed and are removed by the next writer. The manifest lets a load reject flipped bytes,
 truncation and missing files with an error naming the file, instead of returning wrong weights.
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from . import distributed
-from .checksum import crc32_file  # noqa: F401  (also re-exported: commit.crc32_file)
+from .checksum import FileDigest, crc32_file, digest_file  # noqa: F401  (also re-exported: commit.crc32_file)
 from .errors import ConfigError, CorruptCheckpointError, StepNotFoundError, UnsafeCheckpointError
 from .safepath import check_no_escaping_links, safe_join
 
@@ -57,7 +57,7 @@ def _files_under(root: str) -> list[str]:
 class Manifest:
     step: int
     backend: str
-    files: dict[str, dict[str, int]]  # relpath -> {"size": int, "crc32": int}
+    files: dict[str, dict]  # relpath -> {"size": int, "xxh3": "16 hex digits"} (older steps: "crc32": int)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -81,19 +81,16 @@ class Manifest:
         files: dict[str, dict[str, int]] = {}
         for rel, entry in raw["files"].items():
             safe_join(step_dir, rel)  # never trust a path from disk
-            if (
-                not isinstance(entry, dict)
-                or not isinstance(entry.get("size"), int)
-                or not isinstance(entry.get("crc32"), int)
-            ):
+            digest = FileDigest.from_entry(entry) if isinstance(entry, dict) else None
+            if digest is None or not isinstance(entry.get("size"), int):
                 raise CorruptCheckpointError(f"manifest entry for {rel!r} is malformed: {path}", path)
-            files[rel] = {"size": entry["size"], "crc32": entry["crc32"]}
+            files[rel] = {"size": entry["size"], **digest.entry()}
         return cls(step=int(raw.get("step", -1)), backend=str(raw.get("backend", "")), files=files)
 
     @classmethod
-    def build(cls, step_dir: str, step: int, backend: str, known: dict[str, tuple[int, int]] | None = None) -> "Manifest":
-        """``known``: (size, crc32) a writer computed from the bytes it wrote, used while the file
-        still has that size, so the commit does not read the data a second time."""
+    def build(cls, step_dir: str, step: int, backend: str, known: dict[str, tuple[int, FileDigest]] | None = None) -> "Manifest":
+        """``known``: (size, digest) a writer computed from the bytes it wrote, used while the
+        file still has that size, so the commit does not read the data a second time."""
         files = {}
         for rel in _files_under(step_dir):
             if rel == MANIFEST:
@@ -101,10 +98,10 @@ class Manifest:
             path = os.path.join(step_dir, rel)
             hint = (known or {}).get(rel)
             if hint is not None and os.path.getsize(path) == hint[0]:
-                size, crc = hint
+                size, digest = hint
             else:
-                size, crc = crc32_file(path)
-            files[rel] = {"size": size, "crc32": crc}
+                size, digest = digest_file(path)
+            files[rel] = {"size": size, **digest.entry()}
         return cls(step=step, backend=backend, files=files)
 
     def verify(self, step_dir: str, mode: str = "checksum") -> None:
@@ -124,12 +121,11 @@ class Manifest:
                     path,
                 )
             if mode == "checksum":
-                _, crc = crc32_file(path)
-                if crc != entry["crc32"]:
-                    raise CorruptCheckpointError(
-                        f"checkpoint file {path} fails its checksum (crc32 {crc:#010x}, manifest {entry['crc32']:#010x})",
-                        path,
-                    )
+                want = FileDigest.from_entry(entry)
+                assert want is not None  # read() checked every entry
+                _, got = digest_file(path, want.algorithm)
+                if got != want:
+                    raise CorruptCheckpointError(f"checkpoint file {path} fails its checksum ({got}, manifest {want})", path)
 
 
 class StepDirectory:
@@ -145,12 +141,12 @@ class StepDirectory:
         self.backend = backend
         self.foreign_marker = foreign_marker
         self.process_group = process_group
-        self._known_checksums: dict[str, dict[str, tuple[int, int]]] = {}
+        self._known_checksums: dict[str, dict[str, tuple[int, FileDigest]]] = {}
 
-    def record_checksum(self, staging: str, relpath: str, size: int, crc32: int) -> None:
-        """A writer that computed a staged file's CRC32 while writing it hands it over (see
+    def record_checksum(self, staging: str, relpath: str, size: int, digest: FileDigest) -> None:
+        """A writer that computed a staged file's digest while writing it hands it over (see
         :meth:`Manifest.build`); only the committing rank's records are used."""
-        self._known_checksums.setdefault(staging, {})[relpath] = (size, crc32)
+        self._known_checksums.setdefault(staging, {})[relpath] = (size, digest)
 
     # --- distributed helpers -------------------------------------------------------------
     def _rank(self) -> int:
