@@ -117,14 +117,21 @@ class DigestOnTheSide:
         self._pending: list = []
 
     def add(self, data: Any) -> None:
+        """Hash ``data`` after the buffers added before it; it must stay unchanged until
+        :meth:`settle` or :meth:`result` returns."""
         self._pending.append(self._pool.submit(self._digest.update, data))
         if len(self._pending) > 64:  # bound the buffers held alive
             self._pending.pop(0).result()
 
+    def settle(self) -> None:
+        """Wait until every buffer added so far is hashed (the caller may then reuse them)."""
+        pending, self._pending = self._pending, []
+        for task in pending:
+            task.result()
+
     def result(self) -> FileDigest:
         try:
-            for task in self._pending:
-                task.result()
+            self.settle()
         finally:
             self._pool.shutdown(wait=True)
         return self._digest.finish()
