@@ -56,7 +56,7 @@ class FileDigest:
         return {XXH3: f"{self.value:016x}"} if self.algorithm == XXH3 else {CRC32: self.value}
 
     @classmethod
-    def from_entry(cls, entry: dict[str, Any]) -> "FileDigest | None":
+    def from_entry(cls, entry: dict[str, Any]) -> FileDigest | None:
         """The digest a manifest entry records; None when it records none we know."""
         xxh = entry.get(XXH3)
         if isinstance(xxh, str) and len(xxh) == 16:
@@ -251,7 +251,7 @@ def _digest(source: _Source, size: int, algorithm: str, threads: int) -> FileDig
     with ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="crc32") as pool:
         crcs = list(pool.map(lambda r: _crc_range(source, *r), ranges))
     crc = crcs[0]
-    for (_, length), part in zip(ranges[1:], crcs[1:]):
+    for (_, length), part in zip(ranges[1:], crcs[1:], strict=True):
         crc = crc32_combine(crc, part, length)
     return FileDigest(CRC32, crc)
 

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import os
 import struct
+import weakref
 from contextlib import contextmanager
 from typing import Iterator
-
-import weakref
 
 from ...errors import CorruptCheckpointError, StepNotFoundError
 from .errors import ChannelNotFoundError, PublisherGoneError, SlotsLeasedError, TornReadError
@@ -211,7 +210,7 @@ class ShmTransport:
                 _SLOT.pack_into(
                     seg.map.buffer, 0, SLOT_MAGIC, seq, step, published, len(manifest), manifest_crc(manifest), data_at, layout.nbytes
                 )
-                for other, info in zip(segments, infos):  # a re-publish written beside a held copy of the same step
+                for other, info in zip(segments, infos, strict=True):  # a re-publish written beside a held copy of the same step
                     if other is not seg and info.complete and info.step == step:
                         other.hide()
             finally:
