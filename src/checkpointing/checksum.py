@@ -119,12 +119,15 @@ class DigestOnTheSide:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="digest")
         self._pending: list = []
 
-    def add(self, data: Any) -> None:
-        """Hash ``data`` after the buffers added before it; it must stay unchanged until
-        :meth:`settle` or :meth:`result` returns."""
-        self._pending.append(self._pool.submit(self._digest.update, data))
+    def add(self, data: Any, keep: Any = None) -> None:
+        """Hash ``data`` after the buffers added before it. Its memory must stay unchanged
+        until it is hashed: ``keep`` (the object that owns it, say a tensor) is held until then."""
+        self._pending.append(self._pool.submit(self._update, data, keep))
         if len(self._pending) > 64:  # bound the buffers held alive
             self._pending.pop(0).result()
+
+    def _update(self, data: Any, keep: Any) -> None:
+        self._digest.update(data)
 
     def settle(self) -> None:
         """Wait until every buffer added so far is hashed (the caller may then reuse them)."""

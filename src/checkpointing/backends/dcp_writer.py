@@ -12,7 +12,8 @@ same ``WriteResult`` records), with a zip writer of its own per item
 files are what TorchTitan's stock DCP reader and ``torch.load`` read.
 
 Each file's bytes are also fed to a digest on a helper thread as they are written
-(:class:`~checkpointing.checksum.DigestOnTheSide`), so the commit does not read them back.
+(:class:`~checkpointing.checksum.DigestOnTheSide`), so the commit does not read them back and
+the hash overlaps the next item's serialization and write.
 """
 
 from __future__ import annotations
@@ -33,20 +34,26 @@ from .. import _compat
 from ..checksum import DigestOnTheSide, FileDigest
 
 LARGE_WRITE = 1 << 16
-"""Writes at least this large are hashed in place, on the helper thread; smaller ones copied."""
+"""Writes at least this large are hashed in place; smaller ones are copied and batched."""
 
 FileRecorder = Callable[[str, int, FileDigest], None]
 """``(file name relative to the step, size, digest)`` of each data file written."""
 
 
 class _DigestingStream(io.RawIOBase):
-    """A write-only stream that forwards to ``raw`` and digests what it forwards."""
+    """A write-only stream that forwards to ``raw`` and digests what it forwards, on a helper
+    thread: a large write (a tensor's data record, written by the zip writer straight from the
+    tensor's memory) is hashed in place while :attr:`owner` (that tensor) is kept alive; small
+    writes (zip headers and pickles, which may sit in the writer's temporary buffers) are
+    copied and handed over in batches, so a few hundred tiny writes per item cost one task."""
 
     def __init__(self, raw: Any, digest: DigestOnTheSide):
         super().__init__()
         self.raw = raw
         self.digest = digest
         self.position = raw.tell()
+        self.owner: Any = None
+        self._small = bytearray()
 
     def writable(self) -> bool:
         return True
@@ -55,17 +62,23 @@ class _DigestingStream(io.RawIOBase):
         view = memoryview(data).cast("B")
         if not len(view):
             return 0
-        written = self.raw.write(view)
-        if written is None or written < len(view):  # a raw file may write less: finish it here
-            done = written or 0
-            while done < len(view):
-                done += self.raw.write(view[done:]) or 0
-        # A data record is written straight from the tensor's memory, which stays as it is until
-        # its item is written (_write_item settles the digest then); anything small (zip headers,
-        # pickles) may sit in a writer's temporary buffer, so it is copied.
-        self.digest.add(view if len(view) >= LARGE_WRITE else bytes(view))
+        done = self.raw.write(view) or 0
+        while done < len(view):  # a raw file may write less: finish it here
+            done += self.raw.write(view[done:]) or 0
+        if len(view) >= LARGE_WRITE:
+            self.hand_over_small()
+            self.digest.add(view, keep=self.owner)
+        else:
+            self._small += view
+            if len(self._small) >= LARGE_WRITE:
+                self.hand_over_small()
         self.position += len(view)
         return len(view)
+
+    def hand_over_small(self) -> None:
+        if self._small:
+            self.digest.add(bytes(self._small))
+            self._small.clear()
 
     def tell(self) -> int:
         return self.position
@@ -112,6 +125,7 @@ class RecordingFileSystemWriter(FileSystemWriter):
                 for item in [i for i in items if i.type != WriteItemType.BYTE_IO]:
                     results.append(self._write_item(stream, _cpu_tensor(planner.resolve_data(item)), item, name, parts))
                 raw.flush()
+                stream.hand_over_small()
                 if self.sync_files:
                     os.fsync(raw.fileno())
         finally:
@@ -123,12 +137,15 @@ class RecordingFileSystemWriter(FileSystemWriter):
     def _write_item(self, stream: _DigestingStream, data: Any, item: WriteItem, name: str, parts: Any) -> WriteResult:
         offset = stream.tell()
         target, descriptors = self.transforms.transform_save_stream(item, stream)
-        if item.type == WriteItemType.BYTE_IO:
-            target.write(data.getbuffer())
-        else:
-            _compat.save_without_record_crc(data, target)
-        target.close()
-        stream.digest.settle()  # the item's buffers may go once this returns
+        stream.owner = data  # what the item's large writes point into: alive until they are hashed
+        try:
+            if item.type == WriteItemType.BYTE_IO:
+                target.write(data.getbuffer())
+            else:
+                _compat.save_without_record_crc(data, target)
+            target.close()
+        finally:
+            stream.owner = None
         length = stream.tell() - offset
         return WriteResult(
             index=item.index,
