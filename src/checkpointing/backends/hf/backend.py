@@ -26,6 +26,7 @@ from ...dtypes import dtype_name
 from ...errors import ConfigError, UnsafeCheckpointError
 from ..dcp import DCPOptions, check_dcp_structure, describe_dcp_dir, write_dcp_dir
 from ...safepath import check_no_escaping_links
+from ...staging import apply_state, stage
 from .directory import INDEX, SINGLE_FILE, HFDirectory, is_hf_dir
 from .model_writer import write_model
 from .state_mapping import HFNaming, load_model, plan_load
@@ -158,12 +159,13 @@ class HFBackend(StoredSteps):
             plan = plan_load(directory, state.model, self.naming)
         if state.extras:
             check_sidecar(path, state.extras)
-        # The sidecar first: its non-tensor values (the only part that can still be refused
-        # after the checks above) are read before any tensor, so a refusal changes nothing.
-        if state.extras:
-            read_sidecar(path, state.extras, self.ctx.process_group)
+        # Then everything is read aside; the receiver is written only after all of it was read.
+        staged_extras = read_sidecar(path, state.extras, self.ctx.process_group) if state.extras else None
+        staged_model = None
         if directory is not None and plan is not None:
-            load_model(directory, plan, state.model)
+            staged_model = stage(state.model)
+            load_model(directory, plan, staged_model)
+        apply_state(state, staged_model, staged_extras)
 
 
 SPEC = BackendSpec(
