@@ -111,7 +111,7 @@ def _step_kind(path: str) -> tuple[str, bool] | None:
         try:
             return Manifest.read(path).backend, False
         except UnsafeCheckpointError:
-            raise
+            raise  # a FIFO, a link: an attack to refuse, not a damaged step to describe
         except CorruptCheckpointError:
             name = INSPECTORS.recognizing(path)
             if name is None:
