@@ -27,6 +27,7 @@ from ...errors import ConfigError, UnsafeCheckpointError
 from ..dcp import DCPOptions, check_dcp_structure, describe_dcp_dir, write_dcp_dir
 from ...safepath import check_no_escaping_links
 from ...staging import apply_state, stage
+from ...untrusted import exists_here
 from .directory import INDEX, SINGLE_FILE, HFDirectory, is_hf_dir
 from .model_writer import write_model
 from .state_mapping import HFNaming, load_model, plan_load
@@ -144,7 +145,7 @@ class HFBackend(StoredSteps):
                 f"{path} is not a Hugging Face model directory (no {INDEX} and no {SINGLE_FILE}); "
                 "a DCP checkpoint is read with initial_load_in_hf = false"
             )
-        if os.path.isfile(os.path.join(path, MANIFEST)):
+        if exists_here(os.path.join(path, MANIFEST)):  # of any kind: a FIFO is refused, not skipped
             StepDirectory(os.path.dirname(os.path.abspath(path)), "hf", foreign_marker=INDEX).verify(path, self.verify_mode)
         else:
             log.info("%s has no %s (written by another tool): checksums not verified", path, MANIFEST)
