@@ -49,10 +49,10 @@ def stage(tree: Any) -> Any:
 
 
 def copy_tensor(receiver: torch.Tensor, staged: torch.Tensor) -> None:
+    """Shard to shard for DTensors (same mesh and placements: no collective), else a plain copy
+    (to the receiver's device)."""
     if _is_dtensor(receiver) and _is_dtensor(staged):
         receiver, staged = receiver.to_local(), staged.to_local()
-    if receiver.data_ptr() == staged.data_ptr() and receiver.numel():
-        return
     receiver.copy_(staged)
 
 
