@@ -283,7 +283,7 @@ def test_3_a_fifo_planted_at_the_shm_channel_is_refused_not_waited_on(tmp_path, 
     """Another local user can create the FIFO under our channel's name in /dev/shm; the
     reader's constructor (which reclaims stale segments) used to block on it forever."""
     from checkpointing.backends.memory.segments import control_path
-    from checkpointing.config import MemoryOptions
+    from checkpointing.backends.memory import MemoryOptions
 
     path = _fifo(control_path(unique_channel))
     os.chmod(path, 0o666)
@@ -410,7 +410,7 @@ def test_5_checkpoint_exception_never_escapes_ckpt_convert(tmp_path):
 
 
 def test_5_shm_step_out_of_int64_is_a_typed_error(tmp_path, unique_channel):
-    from checkpointing.config import MemoryOptions
+    from checkpointing.backends.memory import MemoryOptions
 
     memory = MemoryOptions(transport="shm", channel=unique_channel)
     with Checkpointer(model_parts=[build_titan_model()], checkpoint_config=cfg("memory", memory=memory),
@@ -546,7 +546,7 @@ def test_6_a_manifest_of_a_million_entries_fails_fast(tmp_path):
 
 
 def test_6_thread_count_has_an_upper_bound(tmp_path):
-    from checkpointing.config import DCPOptions
+    from checkpointing.backends.dcp import DCPOptions
 
     with pytest.raises(ConfigError, match="thread_count"):
         Checkpointer(model_parts=[build_titan_model()], checkpoint_config=cfg(dcp=DCPOptions(thread_count=300)),
@@ -555,7 +555,7 @@ def test_6_thread_count_has_an_upper_bound(tmp_path):
 
 def test_6_a_shm_reader_never_faults_in_a_planted_sparse_slot(tmp_path, unique_channel):
     from checkpointing.backends.memory.segments import channel_files
-    from checkpointing.config import MemoryOptions
+    from checkpointing.backends.memory import MemoryOptions
 
     memory = MemoryOptions(transport="shm", channel=unique_channel, keep_versions=1)
     model = build_titan_model(seed=0)
