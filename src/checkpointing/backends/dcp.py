@@ -31,6 +31,7 @@ from ..distributed import world_size
 from ..dtypes import dtype_name
 from ..errors import CheckpointError, ConfigError, CorruptCheckpointError, StateMismatchError
 from ..staging import apply_state, stage
+from ..untrusted import exists_here
 from .dcp_reader import DCP_METADATA, SafeFileSystemReader, SafeLoadPlanner, first_failure, load_checked, read_metadata
 
 __all__ = [
@@ -205,7 +206,7 @@ class DCPBackend(StoredSteps):
 
     # -- inspecting (ckpt)
     def recognizes(self, path: str) -> bool:
-        return os.path.isfile(os.path.join(path, DCP_METADATA))
+        return exists_here(os.path.join(path, DCP_METADATA))  # of any kind: a FIFO is refused when read
 
     def describe(self, path: str) -> dict[str, Any]:
         return {"tensors": describe_dcp_dir(path)}
@@ -221,7 +222,7 @@ class DCPBackend(StoredSteps):
 
     def read_path(self, path: str, state: StepState) -> None:
         """Read a DCP step directory outside our folder (``initial_load_path``)."""
-        if not os.path.isfile(os.path.join(path, DCP_METADATA)):
+        if not exists_here(os.path.join(path, DCP_METADATA)):
             raise ConfigError(not_a_step_dir_message(path))
         store = StepDirectory(os.path.dirname(os.path.abspath(path)), "dcp", foreign_marker=DCP_METADATA)
         store.verify(path, self.verify_mode)
