@@ -52,7 +52,7 @@ def crc32_file(path: str, threads: int | None = None) -> tuple[int, int]:
     finally:
         os.close(fd)
     crc = crcs[0]
-    for (_, length), part in zip(ranges[1:], crcs[1:]):
+    for (_, length), part in zip(ranges[1:], crcs[1:], strict=True):
         crc = crc32_combine(crc, part, length)
     return size, crc
 

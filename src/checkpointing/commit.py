@@ -19,12 +19,12 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
 
 from . import distributed
-from .checksum import crc32_file  # noqa: F401  (also re-exported: commit.crc32_file)
+from .checksum import crc32_file
 from .errors import ConfigError, CorruptCheckpointError, StepNotFoundError, UnsafeCheckpointError
 from .safepath import check_no_escaping_links, relative_parts, safe_join
 from .untrusted import describe, exists_here, parse_json, read_regular, regular_size
@@ -94,7 +94,7 @@ class Manifest:
         )
 
     @classmethod
-    def read(cls, step_dir: str) -> "Manifest":
+    def read(cls, step_dir: str) -> Manifest:
         """Parse and type-check a manifest. Every field is untrusted: a wrong type, a huge
         number, an empty or oversized file table is a CorruptCheckpointError naming the file;
         paths are checked to be plain relative paths (their targets are checked by
@@ -135,7 +135,7 @@ class Manifest:
         return cls(step=step, backend=backend, files=checked)
 
     @classmethod
-    def build(cls, step_dir: str, step: int, backend: str, known: dict[str, tuple[int, int]] | None = None) -> "Manifest":
+    def build(cls, step_dir: str, step: int, backend: str, known: dict[str, tuple[int, int]] | None = None) -> Manifest:
         """``known``: (size, crc32) a writer computed from the bytes it wrote, used while the file
         still has that size, so the commit does not read the data a second time."""
         files = {}

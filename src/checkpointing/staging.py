@@ -66,7 +66,7 @@ def apply(receiver: Any, staged: Any) -> Any:
     if isinstance(receiver, dict) and isinstance(staged, dict):
         return {k: apply(receiver[k], v) if k in receiver else v for k, v in staged.items()}
     if isinstance(receiver, (list, tuple)) and isinstance(staged, (list, tuple)) and len(receiver) == len(staged):
-        applied = [apply(r, s) for r, s in zip(receiver, staged)]
+        applied = [apply(r, s) for r, s in zip(receiver, staged, strict=True)]
         return applied if isinstance(staged, list) else tuple(applied)
     return staged
 

@@ -23,7 +23,8 @@ import errno
 import json
 import os
 import stat
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 
@@ -231,13 +232,14 @@ def describe(value: Any, depth: int = 2, width: int = 80) -> str:
             return f"<{type(value).__name__} of {len(value)}>"
         items = ", ".join(describe(v, depth - 1, width) for v in list(value[:4]))
         more = ", ..." if len(value) > 4 else ""
-        return ("[%s%s]" if isinstance(value, list) else "(%s%s)") % (items, more)
+        return f"[{items}{more}]" if isinstance(value, list) else f"({items}{more})"
     if type(value) is dict:
         if depth <= 0:
             return f"<dict of {len(value)}>"
         shown = list(value.items())[:4]
         items = ", ".join(f"{describe(k, 0, width)}: {describe(v, depth - 1, width)}" for k, v in shown)
-        return "{%s%s}" % (items, ", ..." if len(value) > 4 else "")
+        more = ", ..." if len(value) > 4 else ""
+        return f"{{{items}{more}}}"
     return f"<{type(value).__name__}>"
 
 

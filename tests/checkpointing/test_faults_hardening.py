@@ -26,8 +26,8 @@ import torch
 
 from checkpointing import (
     CheckpointConfig,
-    CheckpointError,
     Checkpointer,
+    CheckpointError,
     ConfigError,
     CorruptCheckpointError,
     UnsafeCheckpointError,
@@ -282,8 +282,8 @@ def test_3_a_fifo_in_an_hf_step_is_refused_not_waited_on(tmp_path, name):
 def test_3_a_fifo_planted_at_the_shm_channel_is_refused_not_waited_on(tmp_path, unique_channel):
     """Another local user can create the FIFO under our channel's name in /dev/shm; the
     reader's constructor (which reclaims stale segments) used to block on it forever."""
-    from checkpointing.backends.memory.segments import control_path
     from checkpointing.backends.memory import MemoryOptions
+    from checkpointing.backends.memory.segments import control_path
 
     path = _fifo(control_path(unique_channel))
     os.chmod(path, 0o666)
@@ -554,8 +554,8 @@ def test_6_thread_count_has_an_upper_bound(tmp_path):
 
 
 def test_6_a_shm_reader_never_faults_in_a_planted_sparse_slot(tmp_path, unique_channel):
-    from checkpointing.backends.memory.segments import channel_files
     from checkpointing.backends.memory import MemoryOptions
+    from checkpointing.backends.memory.segments import channel_files
 
     memory = MemoryOptions(transport="shm", channel=unique_channel, keep_versions=1)
     model = build_titan_model(seed=0)

@@ -30,7 +30,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from checkpointing import CheckpointError, Checkpointer
+from checkpointing import Checkpointer, CheckpointError
 from tests.checkpointing.cases import make_config
 from tests.checkpointing.faults import mutations
 from tests.checkpointing.faults.bench import save_pristine

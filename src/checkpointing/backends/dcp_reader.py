@@ -260,7 +260,7 @@ def first_failure(error: BaseException) -> BaseException:
     return error
 
 
-def load_checked(state_dict: dict[str, Any], reader: "SafeFileSystemReader", source: str, process_group: Any = None) -> None:
+def load_checked(state_dict: dict[str, Any], reader: SafeFileSystemReader, source: str, process_group: Any = None) -> None:
     """``dcp.load`` through the safe reader and planner, with every failure a CheckpointError:
     ours pass through, DCP's ``CheckpointException`` (a BaseException) is unwrapped, anything
     else a crafted item provokes inside DCP or torch becomes a CorruptCheckpointError naming

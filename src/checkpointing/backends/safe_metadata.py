@@ -325,7 +325,7 @@ def _check_metadata(metadata: Any, source: str) -> None:
             offsets = _dims(chunk.offsets, f"{describe(key)} chunk offsets", source)
             sizes = _dims(chunk.sizes, f"{describe(key)} chunk sizes", source)
             if not (len(offsets) == len(sizes) == len(size)) or any(
-                o + s > d for o, s, d in zip(offsets, sizes, size)
+                o + s > d for o, s, d in zip(offsets, sizes, size, strict=True)
             ):
                 raise _corrupt(
                     source, f"{describe(key)} has a chunk at offsets {offsets} of sizes {sizes} outside its size {size}"
@@ -367,7 +367,7 @@ def check_tiling(key: str, size: tuple[int, ...], boxes: list[tuple[tuple[int, .
         if budget[0] < 0:
             raise _corrupt(source, f"chunk layout too complex to check (more than {MAX_CHECK_STEPS} comparisons)")
         for other_offsets, other_sizes in active:
-            if all(o < oo + os_ and oo < o + s for o, s, oo, os_ in zip(offsets, sizes, other_offsets, other_sizes)):
+            if all(o < oo + os_ and oo < o + s for o, s, oo, os_ in zip(offsets, sizes, other_offsets, other_sizes, strict=True)):
                 raise _corrupt(
                     source,
                     f"{describe(key)} has overlapping chunks at offsets {other_offsets} and {offsets}; "

@@ -77,7 +77,7 @@ def judge_one(case: str, base_folder: str, channel: str, verify: str = "checksum
     """Build a stranger receiver, load into it, and describe what happened."""
     import torch
 
-    from checkpointing import CheckpointError, Checkpointer
+    from checkpointing import Checkpointer, CheckpointError
     from tests.checkpointing.cases import make_config
     from tests.checkpointing.faults.crafted import address_space_headroom, raised_memory_error
     from tests.checkpointing.faults.versions import (
@@ -241,12 +241,11 @@ def _serve() -> None:
     """Worker side: warm up (imports, the model code), then judge one load per input line."""
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # stray prints go to the log; stdout carries verdicts only
+    import checkpointing.backends.dcp
+    import checkpointing.backends.hf.backend
+    import checkpointing.backends.memory.shm  # noqa: F401
     from tests.checkpointing.faults.versions import base_weights, titan_adapter
     from tests.helpers import build_titan_model
-
-    import checkpointing.backends.dcp  # noqa: F401
-    import checkpointing.backends.hf.backend  # noqa: F401
-    import checkpointing.backends.memory.shm  # noqa: F401
 
     base_weights()
     titan_adapter(build_titan_model())

@@ -67,7 +67,7 @@ class HFDirectory:
     config: dict
 
     @classmethod
-    def open(cls, root: str) -> "HFDirectory":
+    def open(cls, root: str) -> HFDirectory:
         weight_map = _read_weight_map(root)
         shards: dict[str, ShardHeader] = {}
         for rel in sorted(set(weight_map.values())):

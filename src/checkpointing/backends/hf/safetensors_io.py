@@ -20,8 +20,9 @@ import math
 import os
 import struct
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -289,7 +290,7 @@ def read_region(fd: int, entry: TensorEntry, path: str, offsets: tuple[int, ...]
             _read_exact(fd, view, start, path)
         return out
     whole = read_region(fd, entry, path)
-    return whole[tuple(slice(o, o + s) for o, s in zip(offsets, shape))].clone()
+    return whole[tuple(slice(o, o + s) for o, s in zip(offsets, shape, strict=True))].clone()
 
 
 def read_into(fd: int, entry: TensorEntry, target: torch.Tensor, path: str, offsets: tuple[int, ...] | None = None) -> None:

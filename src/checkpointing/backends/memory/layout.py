@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -122,7 +123,7 @@ class Layout:
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def for_state(cls, model: Mapping[str, Any], cast_to: torch.dtype | None = None) -> "Layout":
+    def for_state(cls, model: Mapping[str, Any], cast_to: torch.dtype | None = None) -> Layout:
         """The layout a publisher writes for ``model`` (FQN -> tensor or DTensor).
 
         ``cast_to`` turns every floating tensor into that dtype (an fp32 trainer publishing a

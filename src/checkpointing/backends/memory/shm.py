@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from ...commit import MAX_STEP
 from ...errors import CheckpointError, CorruptCheckpointError, StepNotFoundError
