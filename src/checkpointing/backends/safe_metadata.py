@@ -63,6 +63,16 @@ MAX_CHECK_STEPS = 10_000_000
 _HASHING = (set, frozenset, dict, OrderedDict)
 
 
+_FLAT = frozenset((str, int, bytes, float, bool, type(None)))
+"""Key types whose hash costs at most their own length: checked without a walk (the common case)."""
+
+
+def _check_keys(keys: Any, source: str) -> None:
+    for key in keys:
+        if type(key) not in _FLAT:
+            _check_key(key, source)
+
+
 def _check_key(key: Any, source: str) -> None:
     """Refuse a dict key or set member too complex to hash in bounded time."""
     todo, seen = [key], 0
@@ -111,27 +121,23 @@ class _RestrictedUnpickler(pickle._Unpickler):  # the Python unpickler: its opco
 
     # -- guarded opcodes (installed in ``dispatch`` below the class)
     def load_setitem(self) -> None:
-        _check_key(self.stack[-2], self.source)
+        _check_keys(self.stack[-2:-1], self.source)
         super().load_setitem()
 
     def load_setitems(self) -> None:
-        for key in self.stack[::2]:
-            _check_key(key, self.source)
+        _check_keys(self.stack[::2], self.source)
         super().load_setitems()
 
     def load_dict(self) -> None:
-        for key in self.stack[::2]:
-            _check_key(key, self.source)
+        _check_keys(self.stack[::2], self.source)
         super().load_dict()
 
     def load_additems(self) -> None:
-        for key in self.stack:
-            _check_key(key, self.source)
+        _check_keys(self.stack, self.source)
         super().load_additems()
 
     def load_frozenset(self) -> None:
-        for key in self.stack:
-            _check_key(key, self.source)
+        _check_keys(self.stack, self.source)
         super().load_frozenset()
 
     def _check_call(self, func: Any, args: Any) -> None:
