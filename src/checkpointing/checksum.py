@@ -13,6 +13,8 @@ import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
+from .untrusted import open_regular
+
 CHUNK = 16 << 20
 """Bytes per read: large enough for few syscalls, small enough to stay in cache."""
 PARALLEL_MIN = 64 << 20
@@ -37,7 +39,7 @@ def _crc_range(fd: int, start: int, length: int) -> int:
 def crc32_file(path: str, threads: int | None = None) -> tuple[int, int]:
     """(size, crc32) of a file, equal to ``zlib.crc32`` of its whole content."""
     threads = threads or min(MAX_THREADS, os.cpu_count() or 1)
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_regular(path)  # a FIFO or device in a step is refused, never read (or waited on)
     try:
         size = os.fstat(fd).st_size
         parts = max(1, min(threads, size // (PARALLEL_MIN // 2))) if size >= PARALLEL_MIN else 1
@@ -50,7 +52,7 @@ def crc32_file(path: str, threads: int | None = None) -> tuple[int, int]:
     finally:
         os.close(fd)
     crc = crcs[0]
-    for (_, length), part in zip(ranges[1:], crcs[1:]):
+    for (_, length), part in zip(ranges[1:], crcs[1:], strict=True):
         crc = crc32_combine(crc, part, length)
     return size, crc
 
