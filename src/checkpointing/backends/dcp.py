@@ -28,7 +28,9 @@ from ..commit import StepDirectory, StoredSteps, commit_directory, staged_direct
 from ..distributed import world_size
 from ..dtypes import dtype_name
 from ..errors import CheckpointError, ConfigError, CorruptCheckpointError, StateMismatchError
-from .dcp_reader import DCP_METADATA, SafeFileSystemReader, SafeLoadPlanner, read_metadata
+from ..staging import apply_state, stage
+from ..untrusted import exists_here
+from .dcp_reader import DCP_METADATA, SafeFileSystemReader, SafeLoadPlanner, first_failure, load_checked, read_metadata
 from .dcp_writer import FileRecorder, RecordingFileSystemWriter
 
 __all__ = [
@@ -54,16 +56,6 @@ class DCPOptions:
                 f"{prefix}.thread_count = {self.thread_count}; allowed: 1 to {MAX_THREADS} "
                 "(each thread writes its own file; more than the disk's queue depth only adds files)"
             )
-
-
-def first_failure(error: BaseException) -> BaseException:
-    """DCP wraps per-rank failures in CheckpointException, a *BaseException* that ``except
-    Exception`` (and every caller's error handling) would miss: take the first rank's cause."""
-    failures = getattr(error, "failures", None) if isinstance(error, CheckpointException) else None
-    if isinstance(failures, dict) and failures:
-        wrapped = failures[min(failures)]
-        return wrapped[0] if isinstance(wrapped, tuple) else wrapped
-    return error
 
 
 def check_fits(metadata, flat: dict[str, Any], source: str) -> None:
@@ -187,7 +179,7 @@ class DCPBackend(StoredSteps):
 
     # -- inspecting (ckpt)
     def recognizes(self, path: str) -> bool:
-        return os.path.isfile(os.path.join(path, DCP_METADATA))
+        return exists_here(os.path.join(path, DCP_METADATA))  # of any kind: a FIFO is refused when read
 
     def describe(self, path: str) -> dict[str, Any]:
         return {"tensors": describe_dcp_dir(path)}
@@ -203,27 +195,21 @@ class DCPBackend(StoredSteps):
 
     def read_path(self, path: str, state: StepState) -> None:
         """Read a DCP step directory outside our folder (``initial_load_path``)."""
-        if not os.path.isfile(os.path.join(path, DCP_METADATA)):
+        if not exists_here(os.path.join(path, DCP_METADATA)):
             raise ConfigError(not_a_step_dir_message(path))
         store = StepDirectory(os.path.dirname(os.path.abspath(path)), "dcp", foreign_marker=DCP_METADATA)
         store.verify(path, self.verify_mode)
         self._read_dir(path, state)
 
     def _read_dir(self, path: str, state: StepState) -> None:
+        """Everything is read into a staged copy and checked first; the receiver is written
+        only once the whole step has been read (:mod:`checkpointing.staging`)."""
         flat = state.flat()
         reader = SafeFileSystemReader(path)
         check_fits(reader.read_metadata(), flat, path)
-        try:
-            dcp.load(flat, storage_reader=reader, planner=SafeLoadPlanner(), process_group=self.ctx.process_group)
-        except CheckpointError:
-            raise
-        except (Exception, CheckpointException) as e:
-            first = first_failure(e)
-            if isinstance(first, CheckpointError):
-                raise first from None
-            raise CorruptCheckpointError(f"reading DCP checkpoint {path} failed: {first!r}", path) from first
-        for key in state.extras:
-            state.extras[key] = flat[key]
+        staged = stage(flat)
+        load_checked(staged, reader, path, self.ctx.process_group)
+        apply_state(state, {k: staged[k] for k in state.model}, {k: staged[k] for k in state.extras})
 
 
 SPEC = BackendSpec(

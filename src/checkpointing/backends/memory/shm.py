@@ -17,10 +17,12 @@ from __future__ import annotations
 import os
 import struct
 import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
-from ...errors import CorruptCheckpointError, StepNotFoundError
+from ...commit import MAX_STEP
+from ...errors import CheckpointError, CorruptCheckpointError, StepNotFoundError
+from ...untrusted import describe
 from .errors import ChannelNotFoundError, PublisherGoneError, SlotsLeasedError, TornReadError
 from .layout import MAX_MANIFEST_BYTES, Layout, align, manifest_crc, parse_manifest
 from .lifetime import ChannelInfo, Ownership, claim, owner_alive, read_control, reclaim
@@ -72,7 +74,10 @@ class _Segment:
         self.fd = fd
         self.writable = writable
         self.owns_fd = owns_fd
-        self.map = Mapping(fd, os.fstat(fd).st_size, writable)
+        size = os.fstat(fd).st_size
+        # A reader maps the header only until it has checked what the header says: a planted
+        # (or damaged) slot of any size is never faulted in whole.
+        self.map = Mapping(fd, size if writable else min(size, MANIFEST_AT), writable, populate=writable)
         self._manifest: tuple[tuple, tuple[Layout, int, list[int] | None]] | None = None
 
     def remap(self, size: int) -> None:
@@ -110,7 +115,7 @@ class _Segment:
         if self._manifest is not None and self._manifest[0] == key:
             return self._manifest[1]
         length, crc, data_len = key[0], key[1], key[3]
-        raw = bytes(self.map.buffer[MANIFEST_AT : MANIFEST_AT + length])
+        raw = os.pread(self.fd, length, MANIFEST_AT)
         if manifest_crc(raw) != crc:
             raise CorruptCheckpointError(f"{label}: manifest fails its CRC32", self.path)
         parsed = parse_manifest(raw, data_len, self.path)
@@ -187,6 +192,11 @@ class ShmTransport:
 
     @contextmanager
     def writing(self, step: int, layout: Layout, with_checksums: bool, device=None) -> Iterator[PublishTarget]:
+        if not (isinstance(step, int) and 0 <= step <= MAX_STEP):
+            raise CheckpointError(
+                f"shm channel {self.channel!r} cannot publish step {describe(step)}; allowed: an integer from 0 to {MAX_STEP} "
+                "(slot headers store it as a signed 64-bit integer, -1 meaning empty)"
+            )
         segments = self._claim()
         infos = _infos(list(segments))
         order = write_order(infos, step, self.keep_versions)
@@ -206,7 +216,7 @@ class ShmTransport:
                 yield target
                 manifest = layout.to_manifest(step, target.checksums)
                 seg.map.buffer[MANIFEST_AT : MANIFEST_AT + len(manifest)] = manifest
-                published = max(i.order for i in infos) + 1
+                published = min(max(i.order for i in infos) + 1, (1 << 64) - 1)
                 _SLOT.pack_into(
                     seg.map.buffer, 0, SLOT_MAGIC, seq, step, published, len(manifest), manifest_crc(manifest), data_at, layout.nbytes
                 )
@@ -309,22 +319,27 @@ class ShmTransport:
         if magic != SLOT_MAGIC or seq % 2 or got_step != step:
             raise StepNotFoundError(f"version {step} of shm channel {self.channel!r} was replaced")
         label = f"shm channel {self.channel!r} version {step} ({seg.path})"
-        size = os.fstat(seg.fd).st_size
-        if (
-            m_len > MAX_MANIFEST_BYTES
-            or MANIFEST_AT + m_len > data_at
-            or data_at % PAGE
-            or data_at + data_len > size
-        ):
+        st = os.fstat(seg.fd)
+        end = data_at + data_len
+        if m_len > MAX_MANIFEST_BYTES or MANIFEST_AT + m_len > data_at or data_at % PAGE or end > st.st_size:
             raise CorruptCheckpointError(
                 f"{label}: header places the manifest ({m_len} B) or the data ({data_len} B at {data_at}) "
-                f"outside the {size}-byte segment",
+                f"outside the {st.st_size}-byte segment",
                 seg.path,
             )
-        seg.remap(size)
+        if st.st_blocks * 512 < end:  # publishers reserve every byte up front (segments.reserve)
+            raise CorruptCheckpointError(
+                f"{label}: the segment has {st.st_blocks * 512} bytes of memory behind its first {end} "
+                "(a sparse file no publisher wrote); refusing to fault it in",
+                seg.path,
+            )
         layout, version, checks = seg.manifest((m_len, m_crc, data_at, data_len), label)
-        if version != step or layout.nbytes > data_len:
-            raise CorruptCheckpointError(f"{label}: manifest describes version {version}", seg.path)
+        if version != step or layout.nbytes != data_len:
+            raise CorruptCheckpointError(
+                f"{label}: manifest describes version {version} of {layout.nbytes} bytes, the header {data_len}",
+                seg.path,
+            )
+        seg.remap(end)
         return seq, ReadSource(layout, seg.map.base[data_at : data_at + data_len], checks, label)
 
     @contextmanager
