@@ -1,7 +1,7 @@
 """The commit protocol every on-disk backend shares.
 
 A step is written into a hidden staging directory, every file is fsynced, a manifest with each
-file's size and CRC32 is written last, and one ``rename`` makes ``step-N`` appear. A crash at
+file's size and digest (:mod:`checkpointing.checksum`: xxh3, CRC32 in older steps) is written last, and one ``rename`` makes ``step-N`` appear. A crash at
 any instant therefore leaves either no ``step-N`` or a complete one; staging leftovers are never
 listed and are removed by the next writer. The manifest lets a load reject flipped bytes,
 truncation and missing files with an error naming the file, instead of returning wrong weights.
@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import distributed
-from .checksum import crc32_file
+from .checksum import FileDigest, crc32_file, digest_file  # noqa: F401  (also re-exported: commit.crc32_file)
 from .errors import ConfigError, CorruptCheckpointError, StepNotFoundError, UnsafeCheckpointError
 from .safepath import check_no_escaping_links, relative_parts, safe_join
 from .untrusted import describe, exists_here, parse_json, read_regular, regular_size
@@ -84,7 +84,7 @@ def _is_count(value, upper: int) -> bool:
 class Manifest:
     step: int
     backend: str
-    files: dict[str, dict[str, int]]  # relpath -> {"size": int, "crc32": int}
+    files: dict[str, dict]  # relpath -> {"size": int, "xxh3": "16 hex digits"} (older steps: "crc32": int)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -122,21 +122,21 @@ class Manifest:
             raise bad(f"has step {describe(step)}; allowed: an integer from 0 to {MAX_STEP}")
         if not isinstance(backend, str) or len(backend) > 128:
             raise bad(f"has backend {describe(backend)}; allowed: a backend name")
-        checked: dict[str, dict[str, int]] = {}
+        checked: dict[str, dict] = {}
         for rel, entry in files.items():
             relative_parts(step_dir, rel)  # never trust a path from disk
-            if (
-                not isinstance(entry, dict)
-                or not _is_count(entry.get("size"), MAX_STEP)
-                or not _is_count(entry.get("crc32"), 0xFFFFFFFF)
-            ):
-                raise bad(f"has a malformed entry for {describe(rel)}; expected {{\"size\": int >= 0, \"crc32\": uint32}}")
-            checked[rel] = {"size": entry["size"], "crc32": entry["crc32"]}
+            digest = FileDigest.from_entry(entry) if isinstance(entry, dict) else None
+            if digest is None or not _is_count(entry.get("size"), MAX_STEP):
+                raise bad(
+                    f"has a malformed entry for {describe(rel)}; expected "
+                    f"{{\"size\": int >= 0, \"xxh3\": 16 hex digits}} (older steps: \"crc32\": uint32)"
+                )
+            checked[rel] = {"size": entry["size"], **digest.entry()}
         return cls(step=step, backend=backend, files=checked)
 
     @classmethod
-    def build(cls, step_dir: str, step: int, backend: str, known: dict[str, tuple[int, int]] | None = None) -> Manifest:
-        """``known``: (size, crc32) a writer computed from the bytes it wrote, used while the file
+    def build(cls, step_dir: str, step: int, backend: str, known: dict[str, tuple[int, FileDigest]] | None = None) -> Manifest:
+        """``known``: (size, digest) a writer computed from the bytes it wrote, used while the file
         still has that size, so the commit does not read the data a second time."""
         files = {}
         for rel in _files_under(step_dir):
@@ -145,10 +145,10 @@ class Manifest:
             path = os.path.join(step_dir, rel)
             hint = (known or {}).get(rel)
             if hint is not None and os.path.getsize(path) == hint[0]:
-                size, crc = hint
+                size, digest = hint
             else:
-                size, crc = crc32_file(path)
-            files[rel] = {"size": size, "crc32": crc}
+                size, digest = digest_file(path)
+            files[rel] = {"size": size, **digest.entry()}
         return cls(step=step, backend=backend, files=files)
 
     def check_listing(self, step_dir: str) -> None:
@@ -190,12 +190,11 @@ class Manifest:
                     path,
                 )
             if mode == "checksum":
-                _, crc = crc32_file(path)
-                if crc != entry["crc32"]:
-                    raise CorruptCheckpointError(
-                        f"checkpoint file {path} fails its checksum (crc32 {crc:#010x}, manifest {entry['crc32']:#010x})",
-                        path,
-                    )
+                want = FileDigest.from_entry(entry)
+                assert want is not None  # read() checked every entry
+                _, got = digest_file(path, want.algorithm)
+                if got != want:
+                    raise CorruptCheckpointError(f"checkpoint file {path} fails its checksum ({got}, manifest {want})", path)
 
 
 class StepDirectory:
@@ -211,12 +210,12 @@ class StepDirectory:
         self.backend = backend
         self.foreign_marker = foreign_marker
         self.process_group = process_group
-        self._known_checksums: dict[str, dict[str, tuple[int, int]]] = {}
+        self._known_checksums: dict[str, dict[str, tuple[int, FileDigest]]] = {}
 
-    def record_checksum(self, staging: str, relpath: str, size: int, crc32: int) -> None:
-        """A writer that computed a staged file's CRC32 while writing it hands it over (see
+    def record_checksum(self, staging: str, relpath: str, size: int, digest: FileDigest) -> None:
+        """A writer that computed a staged file's digest while writing it hands it over (see
         :meth:`Manifest.build`); only the committing rank's records are used."""
-        self._known_checksums.setdefault(staging, {})[relpath] = (size, crc32)
+        self._known_checksums.setdefault(staging, {})[relpath] = (size, digest)
 
     # --- distributed helpers -------------------------------------------------------------
     def _rank(self) -> int:

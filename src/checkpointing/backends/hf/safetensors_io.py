@@ -19,13 +19,13 @@ import json
 import math
 import os
 import struct
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ...checksum import DigestOnTheSide, FileDigest
 from ...errors import CorruptCheckpointError
 from ...untrusted import describe, open_binary, parse_json
 
@@ -203,12 +203,14 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[n:]
 
 
-def write_shard(path: str, named: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None, progress=None) -> tuple[int, int]:
-    """Write one safetensors file; returns (size, crc32) of what was written, computed from the
-    same memory on the way out so the commit need not read the file back. The caller's commit
-    protocol fsyncs it."""
+def write_shard(
+    path: str, named: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None, progress=None
+) -> tuple[int, FileDigest]:
+    """Write one safetensors file; returns (size, digest) of what was written, computed from the
+    same memory on the way out (on a helper thread) so the commit need not read the file back.
+    The caller's commit protocol fsyncs it."""
     head = memoryview(build_header(named, metadata))
-    crc = _Crc32OnTheSide()
+    crc = DigestOnTheSide()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         crc.add(head)
@@ -225,34 +227,6 @@ def write_shard(path: str, named: list[tuple[str, torch.Tensor]], metadata: dict
         os.close(fd)
         checksum = crc.result()
     return total, checksum
-
-
-class _Crc32OnTheSide:
-    """CRC32 of the buffers being written, computed on one helper thread while the caller's
-    ``os.write`` copies the same buffer into the page cache (both release the GIL), so the
-    checksum costs little wall time. One worker keeps the buffers in order; each pending task
-    holds its buffer alive."""
-
-    def __init__(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crc32")
-        self._crc = 0
-        self._pending: list = []
-
-    def _update(self, data: memoryview) -> None:
-        self._crc = zlib.crc32(data, self._crc)
-
-    def add(self, data: memoryview) -> None:
-        self._pending.append(self._pool.submit(self._update, data))
-
-    def result(self) -> int:
-        try:
-            for task in self._pending:
-                task.result()
-        finally:
-            self._pool.shutdown(wait=True)
-        return self._crc
 
 
 # ------------------------------------------------------------------------------------- reading

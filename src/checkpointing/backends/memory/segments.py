@@ -16,6 +16,7 @@ import mmap
 import os
 import re
 import stat
+import threading
 import time
 import warnings
 
@@ -210,12 +211,19 @@ def unlock(fd: int) -> None:
 class Mapping:
     """The first ``size`` bytes of a segment mapped into this process, with a uint8 tensor over
     them. ``populate`` faults every page in now rather than mid-copy; a reader asks for it only
-    for a byte range it has checked (a planted sparse segment is never faulted in whole)."""
+    for a byte range it has checked (a planted sparse segment is never faulted in whole).
+
+    Unmapping under a live tensor view would make every later read of that view fault, and
+    ``mmap.close()`` does not know about torch's views. So a holder of views (a lease) calls
+    :meth:`hold`; :meth:`close` then only marks the mapping, and the last :meth:`let_go` unmaps."""
 
     def __init__(self, fd: int, size: int, writable: bool, populate: bool = True):
         self.size = size
         self.writable = writable
         self._mm: mmap.mmap | None = None
+        self._holds = 0
+        self._closing = False
+        self._lock = threading.Lock()  # a lease may be let go by the garbage collector, on any thread
         if size == 0:
             self.base = torch.empty(0, dtype=torch.uint8)
             return
@@ -231,11 +239,27 @@ class Mapping:
         assert self._mm is not None
         return self._mm
 
+    def hold(self) -> None:
+        with self._lock:
+            self._holds += 1
+
+    def let_go(self) -> None:
+        with self._lock:
+            self._holds -= 1
+            if self._closing and not self._holds:
+                self._unmap()
+
     def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            if not self._holds:
+                self._unmap()
+
+    def _unmap(self) -> None:
         self.base = torch.empty(0, dtype=torch.uint8)
         mm, self._mm = self._mm, None
         if mm is not None:
             try:
                 mm.close()
             except BufferError:
-                pass  # a tensor view is still alive somewhere: the mapping goes when it does
+                pass  # a Python buffer export (not a tensor) is still alive: it goes when that does
