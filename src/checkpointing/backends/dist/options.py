@@ -10,6 +10,7 @@ from typing import Literal
 
 from ...errors import ConfigError
 
+MIN_BUCKET_BYTES = 4096
 INIT_METHOD = re.compile(r"^(env://|tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5}))$")
 
 
@@ -32,9 +33,9 @@ class DistOptions:
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Process-group backend of the transfers: ``auto`` is NCCL when the weights are on CUDA,
     else gloo. The publishers' choice rules; readers follow it."""
-    bucket_size_mb: int = 64
-    """Largest message: tensors are moved in buckets of at most this size (a tensor bigger than
-    one bucket is split), and at most two packed buckets per rank exist at a time."""
+    bucket_size_mb: float = 64.0
+    """Largest message, in MiB: tensors move in buckets of at most this size (a tensor bigger
+    than one bucket is split), and at most two packed buckets per rank exist at a time."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Dtype the publisher snapshots and sends floating tensors in; ``auto`` keeps the model's.
     Readers cast into their own tensors' dtype."""
@@ -46,15 +47,21 @@ class DistOptions:
     join_timeout_s: float = 300.0
     """How long a rank waits for the others to start and join the world (first save/load)."""
 
+    @property
+    def bucket_bytes(self) -> int:
+        return int(self.bucket_size_mb * (1 << 20))
+
     def validate(self, prefix: str) -> None:
-        if not isinstance(self.init_method, str) or not INIT_METHOD.match(self.init_method):
+        match = INIT_METHOD.match(self.init_method) if isinstance(self.init_method, str) else None
+        if match is None:
             raise ConfigError(f"{prefix}.init_method = {self.init_method!r}; allowed: 'env://' or 'tcp://HOST:PORT'")
-        port = INIT_METHOD.match(self.init_method).group("port")
-        if port is not None and not 0 < int(port) < 65536:
-            raise ConfigError(f"{prefix}.init_method = {self.init_method!r}: port {port} is not in 1..65535")
-        for key, low in (("publishers", 1), ("bucket_size_mb", 1), ("keep_versions", 1)):
-            if getattr(self, key) < low:
-                raise ConfigError(f"{prefix}.{key} = {getattr(self, key)}; it must be >= {low}")
+        if match.group("port") is not None and not 0 < int(match.group("port")) < 65536:
+            raise ConfigError(f"{prefix}.init_method = {self.init_method!r}: port {match.group('port')} is not in 1..65535")
+        for key in ("publishers", "keep_versions"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{prefix}.{key} = {getattr(self, key)}; it must be >= 1")
+        if not self.bucket_size_mb * (1 << 20) >= MIN_BUCKET_BYTES:
+            raise ConfigError(f"{prefix}.bucket_size_mb = {self.bucket_size_mb}; it must be >= {MIN_BUCKET_BYTES / (1 << 20):g} (4 KiB)")
         for key in ("timeout_s", "join_timeout_s"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{prefix}.{key} = {getattr(self, key)}; it must be > 0")

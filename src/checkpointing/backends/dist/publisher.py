@@ -30,7 +30,8 @@ from .layout import RankLayout, build_layout, structure
 from .options import DistOptions
 from .plan import PairPlan, local_view, piece_view, plan_reader
 from .snapshot import Slot, Snapshots
-from .world import FOREVER, abandon, client, host_store, pick_backend, reader_group, seconds, send_bucket, transfer_device, wait_all
+from . import world
+from .world import FOREVER, abandon, client, host_store, pick_backend, reader_group, seconds, transfer_device, wait_all
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class Publisher:
         device = _one_device(model)
         backend = pick_backend(self.opts.backend, device)
         layout, local = build_layout(
-            model, self.cast_to, snapshot=True, bucket_bytes=self.opts.bucket_size_mb << 20, backend=backend
+            model, self.cast_to, snapshot=True, bucket_bytes=self.opts.bucket_bytes, backend=backend
         )
         if self.layout is None:
             self.layout, self.device = layout, transfer_device(backend, device)
@@ -248,14 +249,14 @@ class Publisher:
         packed = 0
         for tag, bucket in enumerate(plan.buckets):
             if bucket.span >= 0:
-                works.append(send_bucket(group, slot.data[bucket.span : bucket.span + bucket.nbytes], dst, tag))
+                works.append(world.send_bucket(group, slot.data[bucket.span : bucket.span + bucket.nbytes], dst, tag))
                 continue
             which = packed % 2
             packed += 1
             wait_all(in_buffer[which], self.opts.timeout_s, lambda i: f"reader {reader}", f"sending version {version}")
             targets, sources, buffer = self._packing(plan, tag, which, slot)
             foreach_copy(targets, sources)
-            work = send_bucket(group, buffer, dst, tag)
+            work = world.send_bucket(group, buffer, dst, tag)
             works.append(work)
             in_buffer[which] = [work]
         wait_all(works, self.opts.timeout_s, lambda i: f"reader {reader}", f"sending version {version}")
@@ -285,6 +286,11 @@ class Publisher:
         with self._failure_lock:
             if self._failure is None:
                 self._failure = error
+
+    @property
+    def pending_failure(self) -> PeerGoneError | None:
+        """A reader failure noticed by the server, to be raised by the next ``save``."""
+        return self._failure
 
     def _take_failure(self) -> PeerGoneError | None:
         with self._failure_lock:

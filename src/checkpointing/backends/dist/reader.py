@@ -32,7 +32,8 @@ from .errors import PeerGoneError
 from .layout import RankLayout, build_layout
 from .options import DistOptions
 from .plan import PairPlan, local_view, piece_view, plan_reader, staging_offsets
-from .world import abandon, client, listening, reader_group, recv_bucket, seconds, transfer_device, wait_all
+from . import world
+from .world import abandon, client, listening, reader_group, seconds, transfer_device, wait_all
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ class Reader:
 
     def _receive(self, plan: ReaderPlan, step: int) -> None:
         group = self._group
-        works = [recv_bucket(group, staged, src, tag) for src, tag, staged in plan.receives]
+        works = [world.recv_bucket(group, staged, src, tag) for src, tag, staged in plan.receives]
         try:
             wait_all(works, self.opts.timeout_s, lambda i: f"publisher {plan.receives[i][0]}", f"{self.label}, version {step}")
         except PeerGoneError:
