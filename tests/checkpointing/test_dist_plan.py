@@ -170,13 +170,32 @@ def test_a_receiver_that_does_not_fit_is_refused_naming_every_key():
     assert "shape (8, 6) published, receiver has (8, 7)" in str(err.value)
 
 
-def test_receiver_ties_that_the_publisher_does_not_have_are_refused():
+def test_receiver_ties_the_publisher_holds_apart_are_checked_before_anything_is_written():
+    from checkpointing.backends.dist.apply import bind
+
     tensors = {"emb": ((4, 2), torch.float32), "out": ((4, 2), torch.float32)}
-    pubs = layouts(tensors, dict.fromkeys(tensors), 1, snapshot=True, bucket_bytes=1 << 20)
+    pubs = layouts(tensors, {"emb": 0, "out": 0}, 2, snapshot=True, bucket_bytes=1 << 20)
     reader = RankLayout((Held("emb", torch.float32, (4, 2), full_box((4, 2))),), {"out": "emb"})
-    with pytest.raises(StateMismatchError, match="ties it to emb") as err:
-        plan_reader(pubs, reader, "r", "test")
-    assert set(err.value.keys) == {"out", "emb"}
+    for same in (True, False):
+        full = full_tensors(tensors)
+        if same:
+            full["out"] = full["emb"].clone()  # an export that cast each key on its own: equal values
+        snapshots = [snapshot_of(p, full) for p in pubs]
+        plans = plan_reader(pubs, reader, "r", "test")
+        received = [
+            (p, local_view(snapshots[plan.source][1][p.source.name], p.src_box)) for plan in plans for b in plan.buckets for p in b.pieces
+        ]
+        assert {p.target for p, _ in received} == {"emb", "out"}, "both tied keys must be received"
+        receiver = {"emb": torch.zeros(4, 2)}
+        binding = bind(received, receiver, reader.aliases)
+        if same:
+            binding.apply("test")
+            assert torch.equal(receiver["emb"], full["emb"])
+        else:
+            with pytest.raises(StateMismatchError, match="holds different values") as err:
+                binding.apply("test")
+            assert set(err.value.keys) == {"out", "emb"}
+            assert torch.equal(receiver["emb"], torch.zeros(4, 2)), "a refused tie wrote the receiver"
 
 
 def test_shards_that_do_not_cover_the_receiver_are_refused():

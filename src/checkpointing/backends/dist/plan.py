@@ -170,23 +170,29 @@ def check_fit(publishers: Sequence[RankLayout], reader: RankLayout, source: str)
         elif not _castable(theirs.dtype, mine.dtype):
             problems.append(f"{key}: dtype {theirs.dtype} published, receiver has {mine.dtype} (only floating types are cast)")
             keys.append(key)
-    for key, target in reader.aliases.items():
-        if key in have and target in have and published.held(key) is not published.held(target):
-            problems.append(f"{key}: the receiver ties it to {target}, but the publisher holds them as separate tensors")
-            keys += [key, target]
     if missing or unexpected or problems:
         raise StateMismatchError(_describe(source, missing, unexpected, problems), missing + unexpected + keys)
 
 
 # ---------------------------------------------------------------------------- planning
 def plan_reader(publishers: Sequence[RankLayout], reader: RankLayout, reader_id: str, source: str) -> list[PairPlan]:
-    """The whole plan for one reader: one PairPlan per publisher rank (possibly empty)."""
+    """The whole plan for one reader: one PairPlan per publisher rank (possibly empty).
+
+    Receiver keys tied to another (aliases) are received once, except where the publisher holds
+    the two as separate tensors: then both are received, and compared before they are applied
+    (:mod:`.apply`)."""
     check_publishers(publishers)
     check_fit(publishers, reader, source)
     spread = zlib.crc32(reader_id.encode())
     pieces: list[list[Piece]] = [[] for _ in publishers]
     uncovered: list[str] = []
-    for index, mine in enumerate(reader.tensors):
+    published = publishers[0]
+    untied = [
+        Held(key, reader.held(key).dtype, reader.held(key).shape, reader.held(key).box)  # type: ignore[union-attr]
+        for key in reader.aliases
+        if published.held(key) is not published.held(reader.aliases[key])
+    ]
+    for index, mine in enumerate([*reader.tensors, *untied]):
         covered = 0
         for replicas in _box_classes(publishers, mine.name):
             rank = replicas[(index + spread) % len(replicas)]

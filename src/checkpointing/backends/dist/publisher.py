@@ -25,6 +25,7 @@ import torch
 from ..._compat import foreach_copy
 from ...errors import ConfigError, StateMismatchError, StepNotFoundError
 from . import protocol as keys
+from .apply import bind
 from .errors import PeerGoneError
 from .layout import RankLayout, build_layout, structure
 from .options import DistOptions
@@ -148,11 +149,8 @@ class Publisher:
                         "(a load_only Checkpointer, or [dist] role = 'read')"
                     ) from None
                 raise
-            pieces = [p for b in plan.buckets for p in b.pieces]
-            foreach_copy(
-                [local_view(local[p.target], p.dst_box) for p in pieces],
-                [local_view(slot.views[self._index[p.source.name]], p.src_box) for p in pieces],
-            )
+            pieces = [(p, local_view(slot.views[self._index[p.source.name]], p.src_box)) for b in plan.buckets for p in b.pieces]
+            bind(pieces, local, target.aliases).apply(f"publisher rank {self.rank} version {step}")
         finally:
             self.snapshots.unpin(slot)
 

@@ -25,13 +25,13 @@ from typing import Any, Mapping
 
 import torch
 
-from ..._compat import foreach_copy
 from ...errors import CheckpointError, StepNotFoundError
 from . import protocol as keys
+from .apply import Binding, bind
 from .errors import PeerGoneError
 from .layout import RankLayout, build_layout
 from .options import DistOptions
-from .plan import PairPlan, local_view, piece_view, plan_reader, staging_offsets
+from .plan import PairPlan, piece_view, plan_reader, staging_offsets
 from . import world
 from .world import abandon, client, listening, reader_group, seconds, transfer_device, wait_all
 
@@ -48,8 +48,7 @@ class ReaderPlan:
     staging: torch.Tensor
     receives: list[tuple[int, int, torch.Tensor]]
     """(publisher rank, tag, staging range) per bucket, in plan order."""
-    targets: list[torch.Tensor]
-    sources: list[torch.Tensor]
+    binding: Binding
     """Piece views: receiver tensors and their staged data, for the one batched copy."""
     backend: str
     model_ids: tuple[int, ...]
@@ -143,7 +142,7 @@ class Reader:
         except RuntimeError as e:
             raise self._lost(e) from None
         self._receive(plan, step)
-        foreach_copy(plan.targets, plan.sources)  # every byte arrived: now, and only now, the receiver
+        plan.binding.apply(self.label)  # every byte arrived: now, and only now, the receiver
         self.syncs += 1
 
     def _handshake(self, store: Any, n: int, step: int) -> None:
@@ -200,16 +199,14 @@ class Reader:
         device = transfer_device(backend, next(iter(local.values())).device if local else torch.device("cpu"))
         offsets, size = staging_offsets(plans)
         staging = torch.empty(size, dtype=torch.uint8, device=device)
-        receives, targets, sources = [], [], []
+        receives, pieces = [], []
         for plan, row in zip(plans, offsets):
             for tag, (bucket, at) in enumerate(zip(plan.buckets, row)):
                 receives.append((plan.source, tag, staging[at : at + bucket.nbytes]))
-                for piece in bucket.pieces:
-                    targets.append(local_view(local[piece.target], piece.dst_box))
-                    sources.append(piece_view(staging, at + piece.at, piece))
+                pieces += [(piece, piece_view(staging, at + piece.at, piece)) for piece in bucket.pieces]
         self._plan = ReaderPlan(
-            self._plans_made, plans, tuple(p.digest() for p in plans), staging, receives, targets, sources, backend, ids,
-            list(model.values()),
+            self._plans_made, plans, tuple(p.digest() for p in plans), staging, receives,
+            bind(pieces, local, target.aliases), backend, ids, list(model.values()),
         )
         self.plans_computed += 1
         log.info(
