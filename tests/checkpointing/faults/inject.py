@@ -33,6 +33,7 @@ RECIPES: dict[str, dict[str, tuple[str, str, int]]] = {
         "dcp": ("torch.distributed.checkpoint.filesystem", "_write_item", 2),
         "hf": ("checkpointing.backends.hf.safetensors_io", "_write_all", 2),
         "memory": ("checkpointing.backends.memory.layout", "SnapshotViews.__call__", 3),
+        "dist": ("checkpointing.backends.dist.snapshot", "fill", 1),
     },
     "commit": {
         # Every backend that commits through checkpointing.commit fsyncs each file there.
