@@ -4,6 +4,7 @@ No ``from __future__ import annotations``: TorchTitan's ConfigManager and tyro r
 annotations as real types.
 """
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -11,7 +12,7 @@ from typing import Literal
 from ...errors import ConfigError
 
 MIN_BUCKET_BYTES = 4096
-INIT_METHOD = re.compile(r"^(env://|tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5}))$")
+INIT_METHOD = re.compile(r"env://|tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>[0-9]{1,5})")
 
 
 @dataclass
@@ -52,7 +53,7 @@ class DistOptions:
         return int(self.bucket_size_mb * (1 << 20))
 
     def validate(self, prefix: str) -> None:
-        match = INIT_METHOD.match(self.init_method) if isinstance(self.init_method, str) else None
+        match = INIT_METHOD.fullmatch(self.init_method) if isinstance(self.init_method, str) else None
         if match is None:
             raise ConfigError(f"{prefix}.init_method = {self.init_method!r}; allowed: 'env://' or 'tcp://HOST:PORT'")
         if match.group("port") is not None and not 0 < int(match.group("port")) < 65536:
@@ -60,8 +61,8 @@ class DistOptions:
         for key in ("publishers", "keep_versions"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{prefix}.{key} = {getattr(self, key)}; it must be >= 1")
-        if not self.bucket_size_mb * (1 << 20) >= MIN_BUCKET_BYTES:
+        if not (math.isfinite(self.bucket_size_mb) and self.bucket_size_mb * (1 << 20) >= MIN_BUCKET_BYTES):
             raise ConfigError(f"{prefix}.bucket_size_mb = {self.bucket_size_mb}; it must be >= {MIN_BUCKET_BYTES / (1 << 20):g} (4 KiB)")
         for key in ("timeout_s", "join_timeout_s"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"{prefix}.{key} = {getattr(self, key)}; it must be > 0")
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
+                raise ConfigError(f"{prefix}.{key} = {getattr(self, key)}; it must be a finite number > 0")

@@ -37,7 +37,7 @@ def seconds(s: float) -> datetime.timedelta:
 
 def address(opts: DistOptions, prefix: str) -> tuple[str, int]:
     """(host, port) of the weight-sync store."""
-    match = INIT_METHOD.match(opts.init_method)
+    match = INIT_METHOD.fullmatch(opts.init_method)
     assert match is not None  # validated
     if match.group("port") is not None:
         return match.group("host").strip("[]"), int(match.group("port"))
