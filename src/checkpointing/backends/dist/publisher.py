@@ -286,6 +286,12 @@ class Publisher:
                 self._failure = error
 
     @property
+    def kept_bytes(self) -> int:
+        """Memory this side keeps between syncs: its snapshots (of its own shards) and, when a
+        reader needs packing, the two pack buffers."""
+        return sum(s.data.numel() for s in self.snapshots if s.data is not None) + sum(b.numel() for b in self._pack)
+
+    @property
     def pending_failure(self) -> PeerGoneError | None:
         """A reader failure noticed by the server, to be raised by the next ``save``."""
         return self._failure

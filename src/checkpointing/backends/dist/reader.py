@@ -68,6 +68,14 @@ class Reader:
         self.plans_computed = 0
         """Plans this reader computed: one per receiver (and per publisher world)."""
         self.syncs = 0
+        self.last_seconds: dict[str, float] = {}
+        """Where the last sync's time went: ``handshake`` (versions agreed, slots pinned),
+        ``receive`` (every bucket in staging), ``apply`` (the one copy into the receiver)."""
+
+    @property
+    def kept_bytes(self) -> int:
+        """Memory this side keeps between syncs: the staging copy of its own share."""
+        return self._plan.staging.numel() if self._plan is not None else 0
 
     @property
     def label(self) -> str:
@@ -126,6 +134,7 @@ class Reader:
         store = self._connect()
         if store is None:
             raise PeerGoneError(f"{self.label}: no publisher is up (nothing listens there)", "publisher 0")
+        begin = time.perf_counter()
         try:
             plan = self._plan_for(store, model)
             n = store.add(keys.TICKET, 1)
@@ -141,8 +150,11 @@ class Reader:
             raise
         except RuntimeError as e:
             raise self._lost(e) from None
+        agreed = time.perf_counter()
         self._receive(plan, step)
+        received = time.perf_counter()
         plan.binding.apply(self.label)  # every byte arrived: now, and only now, the receiver
+        self.last_seconds = {"handshake": agreed - begin, "receive": received - agreed, "apply": time.perf_counter() - received}
         self.syncs += 1
 
     def _handshake(self, store: Any, n: int, step: int) -> None:
