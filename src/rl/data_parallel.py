@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 
 def launched() -> bool:

@@ -10,6 +10,7 @@ Keys (all small; tensors never go through the store)::
     req/{n}                {reader, plan k, version, digest per publisher}
     ack/{n}/p{s}           publisher s: "ok" (version pinned), "gone" (not held), or an error
     go/{n}                 the reader: "1" transfer now, "0" give up (someone said no)
+    closed/p{s}            publisher s has stopped serving (rank 0 keeps the store until then)
 
 One sync: the reader takes ticket n and writes ``req/n``; every publisher, serving tickets in
 order, pins the version (its snapshot cannot be overwritten until the transfer ends) and acks;
@@ -54,6 +55,10 @@ def ack_key(n: int, rank: int) -> str:
 
 def go_key(n: int) -> str:
     return f"go/{n}"
+
+
+def closed_key(rank: int) -> str:
+    return f"closed/p{rank}"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 
 from ..._compat import foreach_copy
-from ...errors import ConfigError, StateMismatchError, StepNotFoundError
+from ...errors import CheckpointError, ConfigError, StateMismatchError, StepNotFoundError
 from . import protocol as keys
 from .apply import bind
 from .errors import PeerGoneError
@@ -35,6 +35,9 @@ from . import world
 from .world import FOREVER, abandon, client, host_store, pick_backend, reader_group, seconds, transfer_device, wait_all
 
 log = logging.getLogger(__name__)
+
+CLOSE_WAIT_S = 30.0
+"""How long publisher rank 0, which hosts the store, waits at close for the other ranks."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -181,7 +184,6 @@ class Publisher:
 
     def _serve_one(self, store: Any, n: int, request: keys.Request) -> None:
         reader = request.reader
-        slot: Slot | None = None
         try:
             group = self._groups.get(reader)
             if group is None:
@@ -189,24 +191,34 @@ class Publisher:
                     store, reader, self.rank, self.opts.publishers, self._backend, self.opts.timeout_s,
                     self.opts.join_timeout_s, self.device,
                 )
-            plan = self._plan(store, request)
+            try:
+                plan = self._plan(store, request)
+            except CheckpointError as e:  # the reader's layout is refused: its problem, told to it
+                store.set(keys.ack_key(n, self.rank), f"publisher rank {self.rank} cannot plan for it: {e}")
+                return
             if request.digests[self.rank] != plan.digest():
                 store.set(keys.ack_key(n, self.rank), f"plan digest differs: publisher rank {self.rank} planned other buckets")
                 return
-            slot = self.snapshots.pin(request.version)
+            self._pinned_transfer(store, n, group, plan, request)
+        except Exception as e:  # a reader that died, hung, or broke the protocol: drop it, go on
+            peer = f"reader {reader}"
+            self._fail(e if isinstance(e, PeerGoneError) else PeerGoneError(f"serving {peer} failed: {e!r}", peer))
+            abandon(self._groups.pop(reader, None))
+            for key in [k for k in self._plans if k[0] == reader]:
+                del self._plans[key]
+
+    def _pinned_transfer(self, store: Any, n: int, group: Any, plan: PairPlan, request: keys.Request) -> None:
+        """Pin the version, ack, and send once the reader says go; the pin holds until the
+        last bucket is out, so no save can overwrite what is being sent."""
+        slot = self.snapshots.pin(request.version)
+        try:
             store.set(keys.ack_key(n, self.rank), keys.OK if slot is not None else keys.GONE)
             if slot is None:
                 return
             store.wait([keys.go_key(n)], seconds(self.opts.timeout_s))
             if store.get(keys.go_key(n)) == b"1":
-                self._send(group, plan, slot, reader, request.version)
+                self._send(group, plan, slot, request.reader, request.version)
                 self.syncs_served += 1
-        except (PeerGoneError, RuntimeError, ValueError) as e:
-            peer = f"reader {reader}"
-            self._fail(e if isinstance(e, PeerGoneError) else PeerGoneError(f"serving {peer} failed: {e}", peer))
-            abandon(self._groups.pop(reader, None))
-            for key in [k for k in self._plans if k[0] == reader]:
-                del self._plans[key]
         finally:
             if slot is not None:
                 self.snapshots.unpin(slot)
@@ -302,6 +314,9 @@ class Publisher:
         return failure
 
     def close(self) -> None:
+        """Stop serving: withdraw this rank's versions, stop its server after the tickets
+        already queued, and (rank 0, the store's host) keep the store up until the other
+        publishers have stopped too, so none of them finds it gone mid-shutdown."""
         store, self._store = self._store, None
         if store is None:
             return
@@ -309,14 +324,26 @@ class Publisher:
             store.set(keys.held_key(self.rank), keys.encode_versions(self._world, []))
             n = store.add(keys.TICKET, 1)
             store.set(keys.request_key(n), keys.Request("", -1, -1, (), stop=self.rank).encode())
-        except RuntimeError:
-            pass  # the store host is gone already: the server has stopped with it
+        except RuntimeError as e:  # the store host is gone already: the server stopped with it
+            log.debug("dist publisher %d: store gone at close: %s", self.rank, e)
+            store = None
         if self._server is not None:
             self._server.join(self.opts.timeout_s + 5)
         for group in self._groups.values():
             abandon(group)
         self._groups.clear()
+        if store is not None:
+            self._leave(store)
 
+    def _leave(self, store: Any) -> None:
+        try:
+            if self.rank != 0:
+                store.set(keys.closed_key(self.rank), b"1")
+            elif self.opts.publishers > 1:
+                others = [keys.closed_key(s) for s in range(1, self.opts.publishers)]
+                store.wait(others, seconds(min(self.opts.timeout_s, CLOSE_WAIT_S)))
+        except RuntimeError as e:  # a publisher that died or never closes: leave anyway
+            log.debug("dist publisher %d: leaving without the others: %s", self.rank, e)
 
 def _one_device(model: Mapping[str, Any]) -> torch.device:
     devices = {t.device for t in model.values()}

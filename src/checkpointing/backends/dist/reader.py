@@ -174,7 +174,8 @@ class Reader:
             store.set(keys.go_key(n), b"0")
             if all(a in (keys.OK, keys.GONE) for a in answers):
                 raise StepNotFoundError(f"version {step} is no longer held by every publisher of {self.label}")
-            raise CheckpointError(f"{self.label}: a publisher refused version {step}: {[a for a in answers if a != keys.OK][0]}")
+            refusal = next(a for a in answers if a not in (keys.OK, keys.GONE))
+            raise CheckpointError(f"{self.label}: a publisher refused version {step}: {refusal}")
         store.set(keys.go_key(n), b"1")
 
     def _tidy(self, store: Any, n: int) -> None:

@@ -16,6 +16,7 @@ globally, and torch.distributed's own state is left alone.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
 from typing import Any
@@ -26,6 +27,8 @@ from ..._compat import standalone_process_group
 from ...errors import ConfigError
 from .errors import PeerGoneError
 from .options import INIT_METHOD, DistOptions
+
+log = logging.getLogger(__name__)
 
 FOREVER = datetime.timedelta(days=365)
 """The store timeout of a wait that is ended by a message, not by a clock (an idle server)."""
@@ -172,8 +175,8 @@ def abandon(group: Any) -> None:
         return
     try:
         group.abort()
-    except Exception:  # best effort: the peer is gone either way
-        pass
+    except RuntimeError as e:  # best effort: the peer is gone either way
+        log.debug("aborting a weight-sync group: %s", e)
 
 
 def _first_line(e: BaseException) -> str:
