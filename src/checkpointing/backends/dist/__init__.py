@@ -5,20 +5,11 @@ Modules, one concept each: :mod:`.options` (the TOML table), :mod:`.layout` (wha
 of each tensor), :mod:`.plan` (the reshard plan and its buckets), :mod:`.snapshot` (a
 publisher's versions), :mod:`.protocol` (store records and the handshake of one sync),
 :mod:`.world` (rendezvous and process groups), :mod:`.publisher` and :mod:`.reader` (the two
-sides), :mod:`.backend` (the Backend protocol). Importing this package is cheap: the backend
-module (torch.distributed) loads when the backend is built.
+sides), :mod:`.backend` (the Backend protocol and its ``SPEC``).
 """
 
+from .backend import SPEC, DistBackend
 from .errors import PeerGoneError
 from .options import DistOptions
 
-
-def __getattr__(name: str):
-    if name == "DistBackend":
-        from .backend import DistBackend
-
-        return DistBackend
-    raise AttributeError(name)
-
-
-__all__ = ["DistBackend", "DistOptions", "PeerGoneError"]
+__all__ = ["SPEC", "DistBackend", "DistOptions", "PeerGoneError"]

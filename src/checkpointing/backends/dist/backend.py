@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ...backend import BackendContext, Capabilities, StepState
+from ...backend import BackendContext, BackendSpec, Capabilities, StepState
 from ...errors import ConfigError, StateMismatchError
 from .options import DistOptions
 from .publisher import Publisher
@@ -43,11 +43,10 @@ class DistBackend:
     capabilities = Capabilities(persistent=False, non_tensor_state=False, cross_process=True)
 
     def __init__(self, ctx: BackendContext):
-        self.opts = _options(ctx)
-        self.opts.validate(PREFIX)
+        self.opts: DistOptions = ctx.options or DistOptions()
         self.host, self.port = address(self.opts, PREFIX)
         role = self.opts.role
-        self.role: str | None = role if role != "auto" else ("read" if ctx.config.load_only else None)
+        self.role: str | None = role if role != "auto" else ("read" if ctx.load_only else None)
         self._publisher: Publisher | None = None
         self._reader: Reader | None = None
         self.location = f"dist weight-sync world at {self.host}:{self.port}"
@@ -105,13 +104,6 @@ class DistBackend:
                 side.close()
 
 
-def _options(ctx: BackendContext) -> DistOptions:
-    # Until seam v2 hands every backend its validated options instance, they are the
-    # ``dist`` table of the config (a default one when the config class predates it).
-    opts = ctx.options("dist")
-    return opts if isinstance(opts, DistOptions) else DistOptions()
-
-
 def _model_tensors(state: StepState, what: str) -> dict[str, Any]:
     if state.extras:
         raise ConfigError(
@@ -122,3 +114,13 @@ def _model_tensors(state: StepState, what: str) -> dict[str, Any]:
     if bad:
         raise StateMismatchError(f"the dist backend carries tensors only; not tensors: {bad}", bad)
     return state.model
+
+
+SPEC = BackendSpec(
+    name="dist",
+    factory=DistBackend,
+    capabilities=DistBackend.capabilities,
+    options=DistOptions,
+    summary="weight sync (model only) from N trainer ranks to readers of any layout over torch.distributed, "
+    "reshard planned once",
+)

@@ -19,7 +19,8 @@ from typing import Any, Mapping
 
 import torch
 
-from ..._compat import local_box
+from ..._compat import local_shard_box
+from ...distributed import is_dtensor
 from ...errors import CorruptCheckpointError, StateMismatchError
 from ..memory.layout import ALIGN, DTYPE_NAMES, DTYPES, align, storage_key
 
@@ -174,10 +175,6 @@ def _parse_held(t: Any, bad) -> Held:
 
 
 # ---------------------------------------------------------------------------- building
-def is_dtensor(t: Any) -> bool:
-    return hasattr(t, "placements") and hasattr(t, "device_mesh") and hasattr(t, "to_local")
-
-
 def local_part(key: str, value: torch.Tensor) -> tuple[torch.Tensor, Box]:
     """This rank's tensor for ``key`` and the box of the full tensor it holds."""
     shape = tuple(int(s) for s in value.shape)
@@ -192,7 +189,8 @@ def local_part(key: str, value: torch.Tensor) -> tuple[torch.Tensor, Box]:
             "Replicate() (redistribute a Partial or strided shard first)",
             [key],
         )
-    local_shape, offset = local_box(shape, value.device_mesh, value.placements)
+    local_shape, offset = local_shard_box(value)
+    local_shape, offset = tuple(int(x) for x in local_shape), tuple(int(x) for x in offset)
     local = value.to_local()
     if tuple(local.shape) != local_shape:
         raise StateMismatchError(f"{key}: local shard has shape {tuple(local.shape)}, its placements say {local_shape}", [key])

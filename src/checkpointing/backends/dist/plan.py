@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 
 from ...errors import StateMismatchError
-from ..memory.apply import _castable, _describe
+from ...receiver import castable, describe_mismatch
 from ..memory.layout import ALIGN, DTYPE_NAMES, align
 from .layout import Box, Held, RankLayout
 
@@ -167,11 +167,11 @@ def check_fit(publishers: Sequence[RankLayout], reader: RankLayout, source: str)
         if mine.shape != theirs.shape:
             problems.append(f"{key}: shape {theirs.shape} published, receiver has {mine.shape}")
             keys.append(key)
-        elif not _castable(theirs.dtype, mine.dtype):
+        elif not castable(theirs.dtype, mine.dtype):
             problems.append(f"{key}: dtype {theirs.dtype} published, receiver has {mine.dtype} (only floating types are cast)")
             keys.append(key)
     if missing or unexpected or problems:
-        raise StateMismatchError(_describe(source, missing, unexpected, problems), missing + unexpected + keys)
+        raise StateMismatchError(describe_mismatch(source, missing, unexpected, problems, "published"), missing + unexpected + keys)
 
 
 # ---------------------------------------------------------------------------- planning
