@@ -247,3 +247,31 @@ def test_any_sharding_to_any_sharding_is_exact(model):
         assert moved == sum(t.nbytes for t in reader.tensors), "bytes sent twice or not at all"
         assert all(b.nbytes <= bucket or len(b.pieces) == 1 for plan in plans for b in plan.buckets)
         assert math.isfinite(moved)
+
+
+def test_compat_helpers_the_dist_backend_uses():
+    """The two private torch entry points the backend goes through (checkpointing._compat):
+    a batched casting copy, and a process group outside this process's torch.distributed world."""
+    import datetime
+    import socket
+
+    import torch.distributed as dist
+
+    from checkpointing import _compat
+
+    targets = [torch.zeros(3, dtype=torch.bfloat16), torch.zeros(2, 2)]
+    _compat.foreach_copy(targets, [torch.tensor([1.0, 2.5, -3.0]), torch.full((2, 2), 7.0)])
+    assert targets[0].dtype == torch.bfloat16 and torch.equal(targets[0], torch.tensor([1.0, 2.5, -3.0], dtype=torch.bfloat16))
+    assert torch.equal(targets[1], torch.full((2, 2), 7.0))
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    timeout = datetime.timedelta(seconds=20)
+    store = dist.TCPStore("127.0.0.1", port, None, True, timeout, wait_for_workers=False)
+    group = _compat.standalone_process_group("gloo", dist.PrefixStore("probe/", store), 0, 1, timeout, torch.device("cpu"))
+    values = torch.arange(4.0)
+    group.allreduce([values]).wait()
+    group.barrier().wait()
+    assert torch.equal(values, torch.arange(4.0)) and group.size() == 1
+    assert not dist.is_initialized(), "the group must not become this process's world"
