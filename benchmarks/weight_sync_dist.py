@@ -101,11 +101,11 @@ def run_rank(rank: int, args, ports: dict) -> dict:
 
     import torch
     import torch.distributed as dist
+    from weight_sync import proc_status, reset_peak
 
     from checkpointing import CheckpointConfig, Checkpointer
     from checkpointing._compat import standalone_process_group
     from checkpointing.backends.dist import DistOptions
-    from weight_sync import proc_status, reset_peak
 
     torch.set_num_threads(args.threads)
     n = args.trainers
@@ -268,8 +268,8 @@ def summarize(args, ranks: dict[int, dict]) -> dict:
     reader = ranks[n]
     publishers = [ranks[r] for r in range(n)]
     syncs = [max(p["sync_s"][i] for p in publishers) + reader["sync_s"][i] for i in range(args.repeats)]
-    ratios = [s / b for s, b in zip(syncs, reader["baseline_s"])]
-    vs_flat = [s / f for s, f in zip(syncs, reader["flat_s"])]
+    ratios = [s / b for s, b in zip(syncs, reader["baseline_s"], strict=True)]
+    vs_flat = [s / f for s, f in zip(syncs, reader["flat_s"], strict=True)]
     parts = {k: statistics.median(p[k] for p in reader["parts"]) for k in reader["parts"][0]}
     bucket = int(args.bucket_mb * (1 << 20))
     per_rank = []

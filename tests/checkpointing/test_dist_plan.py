@@ -83,9 +83,9 @@ def execute(publishers: list[RankLayout], reader: RankLayout, full, reader_id="r
     plans = plan_reader(publishers, reader, reader_id, "test")
     offsets, size = staging_offsets(plans)
     staging = torch.full((size,), 0xAB, dtype=torch.uint8)
-    for plan, row in zip(plans, offsets):
+    for plan, row in zip(plans, offsets, strict=True):
         data, views = snapshots[plan.source]
-        for bucket, at in zip(plan.buckets, row):
+        for bucket, at in zip(plan.buckets, row, strict=True):
             assert bucket.nbytes <= publishers[plan.source].bucket_bytes or len(bucket.pieces) == 1
             if bucket.span >= 0:
                 wire = data[bucket.span : bucket.span + bucket.nbytes]
@@ -95,8 +95,8 @@ def execute(publishers: list[RankLayout], reader: RankLayout, full, reader_id="r
                     piece_view(wire, p.at, p).copy_(local_view(views[p.source.name], p.src_box))
             staging[at : at + bucket.nbytes].copy_(wire)
     local = {t.name: torch.zeros(t.box.shape, dtype=t.dtype) for t in reader.tensors}
-    for plan, row in zip(plans, offsets):
-        for bucket, at in zip(plan.buckets, row):
+    for plan, row in zip(plans, offsets, strict=True):
+        for bucket, at in zip(plan.buckets, row, strict=True):
             for p in bucket.pieces:
                 local_view(local[p.target], p.dst_box).copy_(piece_view(staging, at + p.at, p))
     return plans, local

@@ -266,7 +266,7 @@ def tp_reader_main(rank: int, world_port: int, sync_port: int, versions: list[in
         placements = {str(v.placements) for v in model.state_dict().values() if hasattr(v, "placements")}
         base = {k: v.detach().clone() for k, v in build_titan_model(seed=0, **MODEL).state_dict().items()}
         reader = Checkpointer(model_parts=[model], checkpoint_config=sync_config(sync_port, load_only=True))
-        for version, event in zip(versions, saved):
+        for version, event in zip(versions, saved, strict=True):
             event.wait(60)
             deadline = time.monotonic() + 30
             while reader.latest_step() < version and time.monotonic() < deadline:
@@ -296,7 +296,7 @@ def test_fsdp_trainer_to_tensor_parallel_readers(trainer):
     for p in readers:
         p.start()
     try:
-        for version, event in zip(versions, saved):
+        for version, event in zip(versions, saved, strict=True):
             trainer.save(version)
             event.set()
             assert inbox.expect("loaded", range(WORLD)) == {0: version, 1: version}

@@ -57,6 +57,6 @@ def test_two_fsdp_trainer_ranks_with_their_generators_match_the_single_process_j
 
     run(load(single_dir, "--rl.threads=1", steps=STEPS))
     single = records(single_dir / "metrics.jsonl")
-    for mine, theirs, one in zip(rank0, rank1, single):
+    for mine, theirs, one in zip(rank0, rank1, single, strict=True):
         assert {k: mine[k] for k in COMPARED} == {k: theirs[k] for k in COMPARED} == {k: one[k] for k in COMPARED}
         assert mine["grad_norm"] == theirs["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)

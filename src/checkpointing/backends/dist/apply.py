@@ -8,8 +8,8 @@ different, a StateMismatchError names them and the receiver is untouched.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 import torch
 

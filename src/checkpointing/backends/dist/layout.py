@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -38,19 +39,19 @@ class Box:
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    def intersect(self, other: "Box") -> "Box | None":
-        lo = tuple(max(a, b) for a, b in zip(self.offset, other.offset))
-        hi = tuple(min(a + s, b + t) for a, s, b, t in zip(self.offset, self.shape, other.offset, other.shape))
-        if any(h <= l for l, h in zip(lo, hi)) and self.shape:
+    def intersect(self, other: Box) -> Box | None:
+        lo = tuple(max(a, b) for a, b in zip(self.offset, other.offset, strict=True))
+        hi = tuple(min(a + s, b + t) for a, s, b, t in zip(self.offset, self.shape, other.offset, other.shape, strict=True))
+        if any(top <= bottom for bottom, top in zip(lo, hi, strict=True)) and self.shape:
             return None
-        return Box(lo, tuple(h - l for l, h in zip(lo, hi)))
+        return Box(lo, tuple(top - bottom for bottom, top in zip(lo, hi, strict=True)))
 
-    def within(self, outer: "Box") -> "Box":
+    def within(self, outer: Box) -> Box:
         """This box in the coordinates of ``outer`` (which contains it)."""
-        return Box(tuple(a - b for a, b in zip(self.offset, outer.offset)), self.shape)
+        return Box(tuple(a - b for a, b in zip(self.offset, outer.offset, strict=True)), self.shape)
 
     def slices(self) -> tuple[slice, ...]:
-        return tuple(slice(o, o + s) for o, s in zip(self.offset, self.shape))
+        return tuple(slice(o, o + s) for o, s in zip(self.offset, self.shape, strict=True))
 
     def to_json(self) -> list:
         return [list(self.offset), list(self.shape)]
@@ -116,7 +117,7 @@ class RankLayout:
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes, source: str) -> "RankLayout":
+    def from_json(cls, raw: bytes, source: str) -> RankLayout:
         def bad(why: str) -> CorruptCheckpointError:
             return CorruptCheckpointError(f"weight-sync layout from {source} is not valid: {why}", source)
 
@@ -167,7 +168,7 @@ def _parse_held(t: Any, bad) -> Held:
     b = Box(tuple(box[0]), tuple(box[1]))
     if len(b.offset) != len(shape) or len(b.shape) != len(shape):
         raise bad(f"{name}: box {box} does not match shape {shape}")
-    if any(o + s > n for o, s, n in zip(b.offset, b.shape, shape)):
+    if any(o + s > n for o, s, n in zip(b.offset, b.shape, shape, strict=True)):
         raise bad(f"{name}: box {box} lies outside shape {shape}")
     if not _is_int(offset) or offset < -1:
         raise bad(f"{name}: offset {offset!r} is not an integer >= -1")

@@ -76,7 +76,7 @@ class Request:
         ).encode()
 
     @classmethod
-    def decode(cls, raw: bytes, source: str) -> "Request":
+    def decode(cls, raw: bytes, source: str) -> Request:
         try:
             doc = json.loads(raw.decode("utf-8"))
             request = cls(str(doc["reader"]), int(doc["plan"]), int(doc["version"]), tuple(map(str, doc["digests"])), int(doc["stop"]))

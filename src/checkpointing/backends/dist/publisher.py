@@ -18,20 +18,22 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from ..._compat import foreach_copy
+from ...dtypes import torch_dtype
 from ...errors import CheckpointError, ConfigError, StateMismatchError, StepNotFoundError
 from . import protocol as keys
+from . import world
 from .apply import bind
 from .errors import PeerGoneError
 from .layout import RankLayout, build_layout, structure
 from .options import DistOptions
 from .plan import PairPlan, local_view, piece_view, plan_reader
 from .snapshot import Slot, Snapshots
-from . import world
 from .world import FOREVER, abandon, client, host_store, pick_backend, reader_group, seconds, transfer_device, wait_all
 
 log = logging.getLogger(__name__)
@@ -39,13 +41,11 @@ log = logging.getLogger(__name__)
 CLOSE_WAIT_S = 30.0
 """How long publisher rank 0, which hosts the store, waits at close for the other ranks."""
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class Publisher:
     def __init__(self, opts: DistOptions, rank: int, host: str, port: int) -> None:
         self.opts, self.rank, self.host, self.port = opts, rank, host, port
-        self.cast_to = DTYPES.get(opts.dtype)
+        self.cast_to = None if opts.dtype == "auto" else torch_dtype(opts.dtype)
         self.snapshots = Snapshots(opts.keep_versions, opts.timeout_s)
         self.layout: RankLayout | None = None
         self.device = torch.device("cpu")

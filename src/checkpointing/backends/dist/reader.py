@@ -20,19 +20,20 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from ...errors import CheckpointError, StepNotFoundError
 from . import protocol as keys
+from . import world
 from .apply import Binding, bind
 from .errors import PeerGoneError
 from .layout import RankLayout, build_layout
 from .options import DistOptions
 from .plan import PairPlan, piece_view, plan_reader, staging_offsets
-from . import world
 from .world import abandon, client, listening, reader_group, seconds, transfer_device, wait_all
 
 log = logging.getLogger(__name__)
@@ -213,8 +214,8 @@ class Reader:
         offsets, size = staging_offsets(plans)
         staging = torch.empty(size, dtype=torch.uint8, device=device)
         receives, pieces = [], []
-        for plan, row in zip(plans, offsets):
-            for tag, (bucket, at) in enumerate(zip(plan.buckets, row)):
+        for plan, row in zip(plans, offsets, strict=True):
+            for tag, (bucket, at) in enumerate(zip(plan.buckets, row, strict=True)):
                 receives.append((plan.source, tag, staging[at : at + bucket.nbytes]))
                 pieces += [(piece, piece_view(staging, at + piece.at, piece)) for piece in bucket.pieces]
         self._plan = ReaderPlan(

@@ -11,7 +11,7 @@ taken without waiting (a slot being rewritten is "gone", not waited for).
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
