@@ -31,7 +31,7 @@ from . import protocol as keys
 from . import world
 from .apply import Binding, bind
 from .errors import PeerGoneError
-from .layout import RankLayout, build_layout
+from .layout import RankLayout, build_layout, structure
 from .options import DistOptions
 from .plan import PairPlan, piece_view, plan_reader, staging_offsets
 from .world import abandon, client, listening, reader_group, seconds, transfer_device, wait_all
@@ -51,6 +51,10 @@ class ReaderPlan:
     """(publisher rank, tag, staging range) per bucket, in plan order."""
     binding: Binding
     """Piece views: receiver tensors and their staged data, for the one batched copy."""
+    staged: list
+    """(piece, its view in staging), to bind other tensors of the same layout without planning."""
+    signature: list
+    """The receiver layout the plan was made for (names, shapes, boxes, ties, dtypes)."""
     backend: str
     model_ids: tuple[int, ...]
     model_refs: list[Any] = field(default_factory=list)
@@ -201,10 +205,20 @@ class Reader:
     # ------------------------------------------------------------------ planning (once)
     def _plan_for(self, store: Any, model: Mapping[str, Any]) -> ReaderPlan:
         ids = tuple(map(id, model.values()))
-        if self._plan is not None and self._plan.model_ids == ids:
-            return self._plan
-        begin = time.monotonic()
+        plan = self._plan
+        if plan is not None and plan.model_ids == ids:
+            return plan
         target, local = build_layout(model)
+        if plan is not None and plan.signature == _signature(target):
+            # The same layout in other tensors (a sink's fresh buffers each load): bind them to
+            # the plan, do not plan again.
+            plan.binding = bind(plan.staged, local, target.aliases)
+            plan.model_ids, plan.model_refs = ids, list(model.values())
+            return plan
+        return self._plan_new(store, model, target, local, ids)
+
+    def _plan_new(self, store: Any, model: Mapping[str, Any], target: RankLayout, local: dict, ids: tuple) -> ReaderPlan:
+        begin = time.monotonic()
         publishers = [RankLayout.from_json(store.get(keys.layout_key(s)), f"publisher {s}") for s in range(self.opts.publishers)]
         plans = plan_reader(publishers, target, self.name, self.label)
         self._plans_made += 1
@@ -213,14 +227,14 @@ class Reader:
         device = transfer_device(backend, next(iter(local.values())).device if local else torch.device("cpu"))
         offsets, size = staging_offsets(plans)
         staging = torch.empty(size, dtype=torch.uint8, device=device)
-        receives, pieces = [], []
+        receives, staged = [], []
         for plan, row in zip(plans, offsets, strict=True):
             for tag, (bucket, at) in enumerate(zip(plan.buckets, row, strict=True)):
                 receives.append((plan.source, tag, staging[at : at + bucket.nbytes]))
-                pieces += [(piece, piece_view(staging, at + piece.at, piece)) for piece in bucket.pieces]
+                staged += [(piece, piece_view(staging, at + piece.at, piece)) for piece in bucket.pieces]
         self._plan = ReaderPlan(
             self._plans_made, plans, tuple(p.digest() for p in plans), staging, receives,
-            bind(pieces, local, target.aliases), backend, ids, list(model.values()),
+            bind(staged, local, target.aliases), staged, _signature(target), backend, ids, list(model.values()),
         )
         self.plans_computed += 1
         log.info(
@@ -232,3 +246,7 @@ class Reader:
     def close(self) -> None:
         abandon(self._group)
         self._group, self._store, self._plan = None, None, None
+
+
+def _signature(layout: RankLayout) -> list:
+    return [structure(layout), [str(t.dtype) for t in layout.tensors]]
