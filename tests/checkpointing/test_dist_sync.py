@@ -431,3 +431,52 @@ def test_publisher_killed_mid_sync_leaves_the_reader_unchanged_with_a_typed_erro
         reader.close()
     finally:
         doomed.close()
+
+
+# ---------------------------------------------------------------------------- NCCL (GPU machines)
+def gpu_publisher_main(sync_port: int, versions: list[int], loaded, results) -> None:
+    """One trainer rank on cuda:0 publishing over NCCL (``backend = "auto"`` picks it for CUDA);
+    version i+1 only once the reader has loaded version i (``loaded[i]``)."""
+    torch.cuda.set_device(0)
+    model = build_titan_model(seed=0, **MODEL).to("cuda:0")
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    config = sync_config(sync_port, publishers=1)
+    with Checkpointer(model_parts=[model], checkpoint_config=config) as ckpt:
+        for version, event in zip(versions, loaded, strict=True):
+            with torch.no_grad():
+                for key, value in model.state_dict().items():
+                    value.copy_(base[key] + version if base[key].is_floating_point() else base[key])
+            ckpt.save(version)
+            results.put(("saved", 0, (version, ckpt.backend.publisher().layout.backend)))
+            event.wait(300)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+    reason="NCCL gives every rank its own GPU: this needs 2 CUDA devices, and this machine has "
+    f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}",
+)
+def test_nccl_trainer_rank_to_a_reader_on_another_gpu(base):
+    port, versions = free_port(), [1, 2]
+    loaded = [SPAWN.Event() for _ in versions]
+    procs: list = []
+    inbox = Inbox(procs)
+    procs.append(SPAWN.Process(target=gpu_publisher_main, args=(port, versions, loaded, inbox.queue), daemon=True))
+    procs[0].start()
+    try:
+        torch.cuda.set_device(1)
+        receiver = build_titan_model(seed=1, **MODEL).to("cuda:1")
+        reader = Checkpointer(model_parts=[receiver], checkpoint_config=sync_config(port, publishers=1, load_only=True))
+        for version, event in zip(versions, loaded, strict=True):
+            assert inbox.expect("saved", [0]) == {0: (version, "nccl")}
+            assert reader.load() is True and reader.loaded_step == version
+            got = {k: v.cpu() for k, v in receiver.state_dict().items()}
+            assert_state_equal(expected(base, version), got)
+            event.set()
+        assert reader.backend.plans_computed == 1
+        reader.close()
+    finally:
+        for p in procs:
+            p.kill()
+            p.join(30)
