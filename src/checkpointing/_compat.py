@@ -137,3 +137,36 @@ def standalone_process_group(backend: str, store: Any, rank: int, size: int, tim
         pg.eager_connect_single_device(device)
         return pg
     raise ValueError(f"unknown process group backend {backend!r}")
+
+
+def save_without_record_crc(obj: Any, stream: Any) -> None:
+    """``torch.save(obj, stream)`` byte for byte, except that the zip records carry no CRC32
+    (``torch.serialization._save`` through a ``torch._C.PyTorchFileWriter`` made for this call
+    with ``compute_crc32=False``). ``torch.save`` reads that choice from a process-wide setting
+    (``set_crc32_options``); a writer of our own leaves every other ``torch.save`` alone.
+    ``torch.load`` (TorchTitan's DCP reader included) reads the result as it reads any save."""
+    import pickle
+
+    import torch
+    from torch.serialization import DEFAULT_PROTOCOL, _get_storage_alignment, _save
+
+    writer = torch._C.PyTorchFileWriter(stream, False, _get_storage_alignment())
+    _save(obj, writer, pickle, DEFAULT_PROTOCOL, False)
+    writer.write_end_of_file()
+    stream.flush()
+
+
+def dcp_storage_writer_parts() -> Any:
+    """What a FileSystemWriter subclass needs to write its files itself, as DCP's own does
+    (``torch.distributed.checkpoint.filesystem``: ``_StorageInfo`` (the record per item),
+    ``_split_by_size_and_type`` (files per writer thread), ``_item_size``)."""
+    from types import SimpleNamespace
+
+    from torch.distributed.checkpoint import filesystem
+
+    return SimpleNamespace(
+        StorageInfo=filesystem._StorageInfo,
+        split_by_size_and_type=filesystem._split_by_size_and_type,
+        item_size=filesystem._item_size,
+        suffix=filesystem.DEFAULT_SUFFIX,
+    )

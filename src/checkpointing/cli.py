@@ -92,20 +92,37 @@ class Located:
     is_folder: bool
     steps: list[StepInfo] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    """Names that look like steps but are not canonical ``step-N`` (``step-007``, a non-ASCII
+    digit, a trailing newline): never listed or loaded as steps."""
 
 
 def _step_kind(path: str) -> tuple[str, bool] | None:
-    """(backend, foreign) for a step directory, or None when ``path`` is not one."""
-    from .commit import MANIFEST, Manifest
+    """(backend, foreign) for a step directory, or None when ``path`` is not one.
 
-    if os.path.isfile(os.path.join(path, MANIFEST)):
-        return Manifest.read(path).backend, False
+    A manifest of any file kind makes a step of ours (a FIFO or link there is refused, not
+    taken for "no manifest"); one that cannot be parsed still does, with the backend that
+    recognizes the files: ``verify`` then reports the damage for that step."""
+    from .commit import MANIFEST, Manifest
+    from .errors import CorruptCheckpointError, UnsafeCheckpointError
+    from .untrusted import exists_here
+
+    if exists_here(os.path.join(path, MANIFEST)):
+        try:
+            return Manifest.read(path).backend, False
+        except UnsafeCheckpointError:
+            raise  # a FIFO, a link: an attack to refuse, not a damaged step to describe
+        except CorruptCheckpointError:
+            name = INSPECTORS.recognizing(path)
+            if name is None:
+                raise
+            return name, False
     name = INSPECTORS.recognizing(path)
     return (name, True) if name is not None else None
 
 
 def locate(path: str) -> Located:
-    from .commit import STAGING_PREFIX, STEP_RE, TRASH_PREFIX
+    from .commit import STAGING_PREFIX, TRASH_PREFIX, parse_step_name
 
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file or directory")
@@ -116,19 +133,29 @@ def locate(path: str) -> Located:
         return Located(path, False, [StepInfo(path, os.path.basename(os.path.normpath(path)), *kind)])
     found = Located(path, True)
     numbered = []
-    for name in os.listdir(path):
+    for name in sorted(os.listdir(path)):
         full = os.path.join(path, name)
-        m = STEP_RE.match(name)
-        if m and os.path.isdir(full) and not os.path.islink(full):
+        step = parse_step_name(name)
+        if step is not None and os.path.isdir(full) and not os.path.islink(full):
             kind = _step_kind(full)
             if kind is not None:
-                numbered.append((int(m.group(1)), StepInfo(full, name, *kind)))
+                numbered.append((step, StepInfo(full, name, *kind)))
         elif name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
             found.leftovers.append(name)
+        elif name.lower().startswith("step"):
+            found.ignored.append(name)
     if not numbered and not found.leftovers:
-        raise UsageError(f"{path} is neither a checkpoint step directory nor a folder of step-N directories")
+        hint = f" (ignored, not canonical step-N names: {_names(found.ignored)})" if found.ignored else ""
+        raise UsageError(f"{path} is neither a checkpoint step directory nor a folder of step-N directories{hint}")
     found.steps = [info for _, info in sorted(numbered, key=lambda pair: pair[0])]
     return found
+
+
+def _names(names: list[str]) -> str:
+    """Directory names as a reader can see them (a trailing newline or a non-ASCII digit is the
+    point of listing them): ``ascii`` quoting, at most ten."""
+    shown = ", ".join(ascii(n) for n in names[:10])
+    return shown + (f" and {len(names) - 10} more" if len(names) > 10 else "")
 
 
 def _inspector_for(step: StepInfo) -> Any:
@@ -191,7 +218,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"ckpt: warning: {mixed}", file=sys.stderr)
     if args.json:
         print(json.dumps({"path": found.path, "folder": found.is_folder, "steps": described, "leftovers": found.leftovers,
-                          "warnings": [mixed] if mixed else []}, indent=1))
+                          "warnings": [mixed] if mixed else [], "ignored": found.ignored}, indent=1))
         return EXIT_OK
     if found.is_folder:
         print(f"{found.path}: checkpoint folder, {len(found.steps)} committed step(s): {[s.name for s in found.steps]}")
@@ -205,6 +232,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             _print_rows(rows, "    ")
     if found.leftovers:
         print(f"partial leftovers of interrupted writes (ignored, removed by the next writer): {found.leftovers}")
+    if found.ignored:
+        print(f"foreign names, ignored (not canonical step-N directories, never loaded): {_names(found.ignored)}")
     if len(described) > 1:
         print(f"total: {human_bytes(sum(d['tensor_bytes'] for d in described))} of tensors, "
               f"{human_bytes(sum(d['disk_bytes'] for d in described))} on disk")
@@ -223,9 +252,9 @@ def verify_step(step: StepInfo, mode: str) -> str:
     if step.foreign:
         checked = "no manifest (written by another tool): structure only"
     else:
-        manifest = Manifest.read(step.path)
+        manifest = Manifest.read(step.path)  # never an empty file table
         manifest.verify(step.path, mode)
-        checked = f"{len(manifest.files)} files match the manifest ({mode})"
+        checked = f"{len(manifest.files)} files match the manifest ({mode}), none unlisted"
     backend = _inspector_for(step)
     if isinstance(backend, Inspects):
         checked += f"; {backend.check_structure(step.path)}"
@@ -233,7 +262,7 @@ def verify_step(step: StepInfo, mode: str) -> str:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .errors import CorruptCheckpointError
+    from .errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 
     found = locate(args.path)
     bad = 0
@@ -242,11 +271,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
             summary = verify_step(step, args.mode)
         except CorruptCheckpointError as e:
             bad += 1
-            print(f"{step.name}: CORRUPT ({step.backend}): {e}")
+            print(f"{step.name}: {'UNSAFE' if isinstance(e, UnsafeCheckpointError) else 'CORRUPT'} ({step.backend}): {e}")
+        except CheckpointError as e:
+            bad += 1
+            print(f"{step.name}: UNREADABLE ({step.backend}): {e}")
         else:
             print(f"{step.name}: ok ({step.backend}): {summary}")
     if found.leftovers:
         print(f"note: partial leftovers of interrupted writes (never loaded): {found.leftovers}")
+    if found.ignored:
+        print(f"note: not canonical step-N names, ignored (never loaded): {_names(found.ignored)}")
     if bad:
         print(f"{bad} of {len(found.steps)} step(s) damaged", file=sys.stderr)
         return EXIT_CORRUPT
@@ -436,6 +470,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_code_for(error: BaseException) -> tuple[int, str]:
+    """(exit status, one-line message) for any error ``ckpt`` can meet. Deliberate, not whatever
+    Python does on a crash: 1 the checkpoint (or its file system) is damaged, unsafe or
+    unreadable, or reading it failed in a way nobody foresaw; 2 the command line, a config or
+    the model named does not fit. DCP's CheckpointException (a BaseException) is unwrapped to
+    its first rank's cause."""
+    from .backends.dcp_reader import first_failure
+    from .errors import CheckpointError, CorruptCheckpointError
+
+    error = first_failure(error)
+    if isinstance(error, UsageError):
+        return EXIT_USAGE, f"ckpt: error: {error}"
+    if isinstance(error, CorruptCheckpointError):
+        return EXIT_CORRUPT, f"ckpt: checkpoint damaged or unsafe: {error}"
+    if isinstance(error, CheckpointError):  # config, a model or backend that does not fit
+        return EXIT_USAGE, f"ckpt: error: {error}"
+    if isinstance(error, OSError):
+        return EXIT_CORRUPT, f"ckpt: error: {error}"
+    text = "nested too deeply" if isinstance(error, RecursionError) else str(error)[:300]
+    return EXIT_CORRUPT, (
+        f"ckpt: error: unexpected {type(error).__name__} while reading the checkpoint: {text} "
+        "(please report it; CKPT_TRACEBACK=1 prints the traceback)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``ckpt``; returns (and, as a console script, exits with) the status code."""
     import warnings
@@ -448,22 +507,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `ckpt inspect ... | head`: the reader left, nothing went wrong
         sys.stdout = open(os.devnull, "w")
         return EXIT_OK
-    except UsageError as e:
-        print(f"ckpt: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as e:
-        from .errors import CheckpointError, CorruptCheckpointError
-
-        if isinstance(e, CorruptCheckpointError):
-            print(f"ckpt: checkpoint damaged or unsafe: {e}", file=sys.stderr)
-            return EXIT_CORRUPT
-        if isinstance(e, CheckpointError):
-            print(f"ckpt: error: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        if isinstance(e, OSError):
-            print(f"ckpt: error: {e}", file=sys.stderr)
-            return EXIT_CORRUPT
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
+    except BaseException as e:  # DCP's CheckpointException is a BaseException too
+        if os.environ.get("CKPT_TRACEBACK"):
+            import traceback
+
+            traceback.print_exc()
+        code, message = exit_code_for(e)
+        print(message, file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,7 +1,7 @@
 """The commit protocol every on-disk backend shares.
 
 A step is written into a hidden staging directory, every file is fsynced, a manifest with each
-file's size and CRC32 is written last, and one ``rename`` makes ``step-N`` appear. A crash at
+file's size and digest (:mod:`checkpointing.checksum`: xxh3, CRC32 in older steps) is written last, and one ``rename`` makes ``step-N`` appear. A crash at
 any instant therefore leaves either no ``step-N`` or a complete one; staging leftovers are never
 listed and are removed by the next writer. The manifest lets a load reject flipped bytes,
 truncation and missing files with an error naming the file, instead of returning wrong weights.
@@ -19,20 +19,23 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
 
 from . import distributed
-from .checksum import crc32_file  # noqa: F401  (also re-exported: commit.crc32_file)
+from .checksum import FileDigest, crc32_file, digest_file  # noqa: F401  (also re-exported: commit.crc32_file)
 from .errors import ConfigError, CorruptCheckpointError, StepNotFoundError, UnsafeCheckpointError
-from .safepath import check_no_escaping_links, safe_join
+from .safepath import check_no_escaping_links, relative_parts, safe_join
+from .untrusted import describe, exists_here, parse_json, read_regular, regular_size
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "titan-checkpointing/1"
-STEP_RE = re.compile(r"^step-(\d+)$")
+STEP_RE = re.compile(r"\Astep-(0|[1-9][0-9]{0,18})\Z")
+"""Canonical step names only (see :func:`parse_step_name`); ``[0-9]``, not ``\\d``, which matches
+every Unicode digit, and ``\\Z``, not ``$``, which matches before a trailing newline."""
 STAGING_PREFIX = ".inflight-"
 TRASH_PREFIX = ".trash-"
 
@@ -53,11 +56,35 @@ def _files_under(root: str) -> list[str]:
     return sorted(out)
 
 
+MAX_MANIFEST_BYTES = 64 << 20
+"""A manifest takes ~80 bytes per file; a real step holds about one file per rank. 64 MiB is far
+beyond that and small enough to refuse a sparse or padded file without reading it."""
+MAX_MANIFEST_FILES = 1 << 19
+MAX_STEP = (1 << 63) - 1
+"""Steps are int64 everywhere they are stored (shm slot headers, TorchTitan's train state)."""
+
+
+def parse_step_name(name: str) -> int | None:
+    """The step of a canonical ``step-N`` directory name, else None.
+
+    Canonical: ASCII digits, no leading zero (``step-0`` aside), no sign, nothing after.
+    ``step-007``, ``step-`` + an Arabic-Indic seven, or ``step-5`` + a newline are not steps:
+    were they read as 7 or 5, ``path(7)`` would name another directory than the one listed, and
+    ``load()`` would fail on it instead of resuming from the real newest step."""
+    m = STEP_RE.match(name)
+    step = int(m.group(1)) if m else None
+    return step if step is not None and step <= MAX_STEP else None
+
+
+def _is_count(value, upper: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= upper
+
+
 @dataclass
 class Manifest:
     step: int
     backend: str
-    files: dict[str, dict[str, int]]  # relpath -> {"size": int, "crc32": int}
+    files: dict[str, dict]  # relpath -> {"size": int, "xxh3": "16 hex digits"} (older steps: "crc32": int)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -67,32 +94,49 @@ class Manifest:
         )
 
     @classmethod
-    def read(cls, step_dir: str) -> "Manifest":
+    def read(cls, step_dir: str) -> Manifest:
+        """Parse and type-check a manifest. Every field is untrusted: a wrong type, a huge
+        number, an empty or oversized file table is a CorruptCheckpointError naming the file;
+        paths are checked to be plain relative paths (their targets are checked by
+        :meth:`verify`, against the directory)."""
         path = os.path.join(step_dir, MANIFEST)
         try:
-            with open(path, "rb") as f:
-                raw = json.loads(f.read(64 << 20))
+            raw = read_regular(path, MAX_MANIFEST_BYTES, "manifest")
         except FileNotFoundError:
             raise CorruptCheckpointError(f"manifest missing: {path}", path) from None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CorruptCheckpointError(f"manifest is not valid JSON: {path}: {e}", path) from None
-        if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT or not isinstance(raw.get("files"), dict):
-            raise CorruptCheckpointError(f"manifest has an unknown format: {path}", path)
-        files: dict[str, dict[str, int]] = {}
-        for rel, entry in raw["files"].items():
-            safe_join(step_dir, rel)  # never trust a path from disk
-            if (
-                not isinstance(entry, dict)
-                or not isinstance(entry.get("size"), int)
-                or not isinstance(entry.get("crc32"), int)
-            ):
-                raise CorruptCheckpointError(f"manifest entry for {rel!r} is malformed: {path}", path)
-            files[rel] = {"size": entry["size"], "crc32": entry["crc32"]}
-        return cls(step=int(raw.get("step", -1)), backend=str(raw.get("backend", "")), files=files)
+        doc = parse_json(raw, path, "manifest")
+
+        def bad(why: str) -> CorruptCheckpointError:
+            return CorruptCheckpointError(f"manifest {path} {why}", path)
+
+        if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
+            raise bad(f"has an unknown format; expected an object with \"format\": {MANIFEST_FORMAT!r}")
+        files, step, backend = doc.get("files"), doc.get("step", -1), doc.get("backend", "")
+        if not isinstance(files, dict):
+            raise bad("has no \"files\" table")
+        if not files:
+            raise bad("lists no files; a committed step always holds its data files")
+        if len(files) > MAX_MANIFEST_FILES:
+            raise bad(f"lists {len(files)} files; at most {MAX_MANIFEST_FILES} are allowed")
+        if not (step == -1 or _is_count(step, MAX_STEP)):
+            raise bad(f"has step {describe(step)}; allowed: an integer from 0 to {MAX_STEP}")
+        if not isinstance(backend, str) or len(backend) > 128:
+            raise bad(f"has backend {describe(backend)}; allowed: a backend name")
+        checked: dict[str, dict] = {}
+        for rel, entry in files.items():
+            relative_parts(step_dir, rel)  # never trust a path from disk
+            digest = FileDigest.from_entry(entry) if isinstance(entry, dict) else None
+            if digest is None or not _is_count(entry.get("size"), MAX_STEP):
+                raise bad(
+                    f"has a malformed entry for {describe(rel)}; expected "
+                    f"{{\"size\": int >= 0, \"xxh3\": 16 hex digits}} (older steps: \"crc32\": uint32)"
+                )
+            checked[rel] = {"size": entry["size"], **digest.entry()}
+        return cls(step=step, backend=backend, files=checked)
 
     @classmethod
-    def build(cls, step_dir: str, step: int, backend: str, known: dict[str, tuple[int, int]] | None = None) -> "Manifest":
-        """``known``: (size, crc32) a writer computed from the bytes it wrote, used while the file
+    def build(cls, step_dir: str, step: int, backend: str, known: dict[str, tuple[int, FileDigest]] | None = None) -> Manifest:
+        """``known``: (size, digest) a writer computed from the bytes it wrote, used while the file
         still has that size, so the commit does not read the data a second time."""
         files = {}
         for rel in _files_under(step_dir):
@@ -101,21 +145,43 @@ class Manifest:
             path = os.path.join(step_dir, rel)
             hint = (known or {}).get(rel)
             if hint is not None and os.path.getsize(path) == hint[0]:
-                size, crc = hint
+                size, digest = hint
             else:
-                size, crc = crc32_file(path)
-            files[rel] = {"size": size, "crc32": crc}
+                size, digest = digest_file(path)
+            files[rel] = {"size": size, **digest.entry()}
         return cls(step=step, backend=backend, files=files)
 
+    def check_listing(self, step_dir: str) -> None:
+        """The manifest and the directory agree both ways: every listed file is there, and every
+        file there is listed. An unlisted file would otherwise be read unverified (a ``.distcp``
+        the metadata points to, an extra shard) and a missing one found only mid-load."""
+        on_disk = set(_files_under(step_dir)) - {MANIFEST}
+        listed = set(self.files)
+        missing = sorted(listed - on_disk)
+        if missing:
+            path = os.path.join(step_dir, missing[0])
+            more = f" (and {len(missing) - 1} more listed files)" if len(missing) > 1 else ""
+            raise CorruptCheckpointError(f"checkpoint file missing: {path}{more}", path)
+        extra = sorted(on_disk - listed)
+        if extra:
+            path = os.path.join(step_dir, extra[0])
+            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            raise CorruptCheckpointError(
+                f"{path} is not in the step's manifest{more}: files added after the commit are never loaded unverified",
+                path,
+            )
+
     def verify(self, step_dir: str, mode: str = "checksum") -> None:
-        """Raise CorruptCheckpointError naming the first missing, truncated or altered file."""
+        """Raise CorruptCheckpointError naming the first missing, extra, truncated or altered
+        file (UnsafeCheckpointError for one that is not a regular file, or links outside)."""
         if mode == "off":
             return
         check_no_escaping_links(step_dir)
+        self.check_listing(step_dir)
         for rel, entry in sorted(self.files.items()):
             path = safe_join(step_dir, rel)
             try:
-                size = os.path.getsize(path)
+                size = regular_size(path)
             except FileNotFoundError:
                 raise CorruptCheckpointError(f"checkpoint file missing: {path}", path) from None
             if size != entry["size"]:
@@ -124,12 +190,11 @@ class Manifest:
                     path,
                 )
             if mode == "checksum":
-                _, crc = crc32_file(path)
-                if crc != entry["crc32"]:
-                    raise CorruptCheckpointError(
-                        f"checkpoint file {path} fails its checksum (crc32 {crc:#010x}, manifest {entry['crc32']:#010x})",
-                        path,
-                    )
+                want = FileDigest.from_entry(entry)
+                assert want is not None  # read() checked every entry
+                _, got = digest_file(path, want.algorithm)
+                if got != want:
+                    raise CorruptCheckpointError(f"checkpoint file {path} fails its checksum ({got}, manifest {want})", path)
 
 
 class StepDirectory:
@@ -145,12 +210,12 @@ class StepDirectory:
         self.backend = backend
         self.foreign_marker = foreign_marker
         self.process_group = process_group
-        self._known_checksums: dict[str, dict[str, tuple[int, int]]] = {}
+        self._known_checksums: dict[str, dict[str, tuple[int, FileDigest]]] = {}
 
-    def record_checksum(self, staging: str, relpath: str, size: int, crc32: int) -> None:
-        """A writer that computed a staged file's CRC32 while writing it hands it over (see
+    def record_checksum(self, staging: str, relpath: str, size: int, digest: FileDigest) -> None:
+        """A writer that computed a staged file's digest while writing it hands it over (see
         :meth:`Manifest.build`); only the committing rank's records are used."""
-        self._known_checksums.setdefault(staging, {})[relpath] = (size, crc32)
+        self._known_checksums.setdefault(staging, {})[relpath] = (size, digest)
 
     # --- distributed helpers -------------------------------------------------------------
     def _rank(self) -> int:
@@ -167,11 +232,14 @@ class StepDirectory:
         return os.path.join(self.folder, f"{STAGING_PREFIX}{step}")
 
     def is_committed(self, step_dir: str) -> bool:
+        """A manifest (or the foreign marker) is *there*: whatever its kind, so that a FIFO or a
+        directory named ``manifest.json`` makes the step fail loudly when read instead of passing
+        for a foreign step that skips verification."""
         if os.path.islink(step_dir) or not os.path.isdir(step_dir):
             return False
-        if os.path.isfile(os.path.join(step_dir, MANIFEST)):
+        if exists_here(os.path.join(step_dir, MANIFEST)):
             return True
-        return bool(self.foreign_marker) and os.path.isfile(os.path.join(step_dir, self.foreign_marker))
+        return bool(self.foreign_marker) and exists_here(os.path.join(step_dir, self.foreign_marker))
 
     def steps(self) -> list[int]:
         try:
@@ -180,9 +248,9 @@ class StepDirectory:
             return []
         found = []
         for name in names:
-            m = STEP_RE.match(name)
-            if m and self.is_committed(os.path.join(self.folder, name)):
-                found.append(int(m.group(1)))
+            step = parse_step_name(name)
+            if step is not None and self.is_committed(os.path.join(self.folder, name)):
+                found.append(step)
         return sorted(found)
 
     # --- writing -------------------------------------------------------------------------
@@ -268,8 +336,8 @@ class StepDirectory:
         """Check a step directory against its manifest; None for a foreign (unmanifested) step."""
         if os.path.islink(step_dir):
             raise UnsafeCheckpointError(f"{step_dir} is a symlink; refusing to follow it", step_dir)
-        if not os.path.isfile(os.path.join(step_dir, MANIFEST)):
-            if self.foreign_marker and os.path.isfile(os.path.join(step_dir, self.foreign_marker)):
+        if not exists_here(os.path.join(step_dir, MANIFEST)):
+            if self.foreign_marker and exists_here(os.path.join(step_dir, self.foreign_marker)):
                 log.info("%s has no %s (written by another tool): sizes and checksums not verified", step_dir, MANIFEST)
                 check_no_escaping_links(step_dir)
                 return None
@@ -362,5 +430,5 @@ def commit_directory(staging: str, final: str, step: int, backend: str) -> None:
 
 def step_of(path: str) -> int:
     """The step a ``step-N`` directory holds (0 for any other name)."""
-    m = STEP_RE.match(os.path.basename(os.path.normpath(path)))
-    return int(m.group(1)) if m else 0
+    step = parse_step_name(os.path.basename(os.path.normpath(path)))
+    return step if step is not None else 0

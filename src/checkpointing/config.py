@@ -14,6 +14,7 @@ Two ways in, one result:
 # dataclasses by their *field types* (``is_dataclass(f.type)``) and tyro resolves them in a
 # generated class, so the annotations must be real types, not strings.
 import difflib
+import re
 import os
 import threading
 import types
@@ -268,17 +269,52 @@ def _check_keys(cls: type, data: dict[str, Any], prefix: str, source: str = "") 
 # --------------------------------------------------------------------------------------------
 
 
+MAX_CONFIG_BYTES = 16 << 20
+MAX_CONFIG_DEPTH = 32
+"""Tables and arrays nested deeper than this are refused: job configs are a few levels deep,
+and the checks (and TorchTitan's parser) after this one recurse."""
+
+
 def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """A TOML file as a dict, every failure a ConfigError naming the file: missing, not a
+    regular file (a FIFO is refused, never waited on), too big, not UTF-8, not TOML, too deep."""
+    from .errors import CheckpointError
+    from .untrusted import read_regular
+
     path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        raw = read_regular(path, MAX_CONFIG_BYTES, "config file")
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config path is a directory, not a TOML file: {path}") from None
+    except CheckpointError as e:  # a directory, FIFO, device, symlink, or too big
+        raise ConfigError(f"config path {path} is not a TOML file: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e}") from None
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); TOML files are UTF-8") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply (at most {MAX_CONFIG_DEPTH} levels)") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    if _depth_exceeds(doc, MAX_CONFIG_DEPTH):
+        raise ConfigError(f"config file {path} is nested too deeply (at most {MAX_CONFIG_DEPTH} levels of tables/arrays)")
+    return doc
+
+
+def _depth_exceeds(doc: Any, limit: int) -> bool:
+    todo = [(doc, 0)]
+    while todo:
+        value, depth = todo.pop()
+        if depth > limit:
+            return True
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        todo.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+_MODULE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 def merged_config_class(module_path: str) -> type:
@@ -289,10 +325,21 @@ def merged_config_class(module_path: str) -> type:
 
     from ._compat import merge_job_configs
 
+    if not isinstance(module_path, str) or not _MODULE_PATH.fullmatch(module_path):
+        from .untrusted import describe
+
+        raise ConfigError(
+            f"job.custom_config_module = {describe(module_path)}; allowed: an absolute dotted module path "
+            "such as 'checkpointing.config' (no leading dot, no relative import)"
+        )
     try:
         custom = importlib.import_module(module_path).JobConfig
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"job.custom_config_module = {module_path!r} cannot be imported: {e}") from None
+    except Exception as e:  # the module's own code failed while importing
+        raise ConfigError(f"job.custom_config_module = {module_path!r} failed while importing: {type(e).__name__}: {e}") from None
+    if not is_dataclass(custom):
+        raise ConfigError(f"job.custom_config_module = {module_path!r}: its JobConfig is not a dataclass")
     return merge_job_configs(TitanJobConfig, custom)
 
 

@@ -432,9 +432,9 @@ class Checkpointer:
         """One committed step into the receiver, by the cheapest path that keeps every promise."""
         if self.sink is not None:
             self._deliver_to_sink(step)
-        elif self._can_adopt(step):
-            self._adopt(step)
-        else:
+        elif not (self._can_adopt(step) and self._adopt(step)):
+            # A copy writes into the receiver's own tensors, never into a lent snapshot.
+            self._release_lease()
             state = self._state_to_load(model_only=step == 0)
             self.backend.read(step, state)
             self._apply(state)
@@ -482,24 +482,26 @@ class Checkpointer:
             and self._module().adoptable
         )
 
-    def _adopt(self, step: int) -> None:
+    def _adopt(self, step: int) -> bool:
+        """The receiver's weights become the leased version's tensors; False (nothing changed,
+        nothing held) when they cannot (another dtype or device, a different tie): the caller
+        copies instead, with every check of the copy path."""
         model = self._module()
         lease = self.backend.open_views(step, model.specs())  # type: ignore[attr-defined]
         try:
             adopted = model.adopt(lease.tensors)
-            if not adopted:
-                model.copy_from(lease.tensors)
         except BaseException:
             lease.release()
             raise
-        if adopted:
-            previous, self._lease = self._lease, lease
-            if previous is not None:
-                previous.release()
-        else:
+        if not adopted:
             lease.release()
-        self.stats.last_load_path = "adopt" if adopted else "copy"
+            return False
+        previous, self._lease = self._lease, lease
+        if previous is not None:
+            previous.release()
+        self.stats.last_load_path = "adopt"
         self.stats.last_load_bytes = sum(s.nbytes for s in model.specs().values())
+        return True
 
     def _release_lease(self) -> None:
         """Give the receiver its own copy of adopted weights, then let the publisher reuse the

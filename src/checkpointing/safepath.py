@@ -5,23 +5,32 @@ from __future__ import annotations
 import os
 
 from .errors import UnsafeCheckpointError
+from .untrusted import describe
+
+
+def relative_parts(root: str, relpath: str) -> list[str]:
+    """The components of ``relpath``, refusing (without touching the filesystem) anything that
+    is not a plain relative path: empty, non-string, absolute, ``..``, a NUL byte."""
+    if not isinstance(relpath, str) or not relpath:
+        raise UnsafeCheckpointError(f"checkpoint names an empty or non-string path {describe(relpath)}", root)
+    if "\x00" in relpath or os.path.isabs(relpath) or relpath.startswith(("/", "\\")):
+        raise UnsafeCheckpointError(
+            f"checkpoint names an absolute path {describe(relpath)}; only paths inside {root} are allowed", root
+        )
+    parts = relpath.replace("\\", "/").split("/")
+    if any(p == ".." for p in parts):
+        raise UnsafeCheckpointError(f"checkpoint path {describe(relpath)} escapes its directory {root} ('..')", root)
+    return parts
 
 
 def safe_join(root: str, relpath: str) -> str:
     """``root/relpath``, refusing absolute paths, ``..``, and symlinks that lead outside ``root``."""
-    if not isinstance(relpath, str) or not relpath:
-        raise UnsafeCheckpointError(f"checkpoint names an empty or non-string path {relpath!r}", root)
-    if "\x00" in relpath or os.path.isabs(relpath) or relpath.startswith(("/", "\\")):
-        raise UnsafeCheckpointError(f"checkpoint names an absolute path {relpath!r}; only paths inside {root} are allowed", root)
-    parts = relpath.replace("\\", "/").split("/")
-    if any(p in ("..",) for p in parts):
-        raise UnsafeCheckpointError(f"checkpoint path {relpath!r} escapes its directory {root} ('..')", root)
-    joined = os.path.join(root, *parts)
+    joined = os.path.join(root, *relative_parts(root, relpath))
     real_root = os.path.realpath(root)
     real = os.path.realpath(joined)
     if os.path.commonpath([real_root, real]) != real_root:
         raise UnsafeCheckpointError(
-            f"checkpoint path {relpath!r} resolves to {real}, outside its directory {real_root} (symlink?)", joined
+            f"checkpoint path {describe(relpath)} resolves to {real}, outside its directory {real_root} (symlink?)", joined
         )
     return joined
 

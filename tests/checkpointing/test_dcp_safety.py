@@ -185,6 +185,9 @@ def test_symlinked_step_directory_is_not_listed(tmp_path):
     with ckpt:
         assert ckpt.backend.steps() == []
         assert ckpt.load() is False
+        assert ckpt.loaded_step == -1
+    assert_state_equal(snapshot, model.state_dict())  # the module's promise: receiver untouched
+    assert ts.step == 0
 
 
 # ------------------------------------------------------------------ byte ranges and geometry

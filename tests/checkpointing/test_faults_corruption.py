@@ -180,7 +180,8 @@ def test_manifest_checksum_mismatch_names_each_file(case, pristine, tmp_path):
         def wrong_crc(path, rel=rel):
             with open(path) as f:
                 manifest = json.load(f)
-            manifest["files"][rel]["crc32"] ^= 1
+            entry = manifest["files"][rel]
+            entry["xxh3"] = f"{int(entry['xxh3'], 16) ^ 1:016x}"
             with open(path, "w") as f:
                 json.dump(manifest, f)
 

@@ -242,12 +242,12 @@ def test_initial_load_in_hf_of_a_dcp_directory_is_a_config_error(tmp_path):
 
 
 def test_manifest_checksums_computed_while_writing_match_the_files(tmp_path):
-    from checkpointing.checksum import crc32_file
+    from checkpointing.checksum import FileDigest, digest_file
 
     _, step_dir = save_model_step(tmp_path, "llama3")
     manifest = json.loads(open(os.path.join(step_dir, "manifest.json")).read())
     for rel, entry in manifest["files"].items():
-        assert (entry["size"], entry["crc32"]) == crc32_file(os.path.join(step_dir, rel)), rel
+        assert (entry["size"], FileDigest.from_entry(entry)) == digest_file(os.path.join(step_dir, rel)), rel
 
 
 # ---------------------------------------------------------------------------------- TorchTitan's HF keys

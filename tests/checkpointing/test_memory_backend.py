@@ -292,7 +292,7 @@ def test_shm_segments_are_private_and_close_frees_them(tmp_path, unique_channel)
     writer = _ckpt(model, _shm(unique_channel, keep_versions=2), tmp_path)
     writer.save(1)
     files = channel_files(unique_channel)
-    assert len(files) == 1 + 2  # control + keep_versions slots
+    assert len(files) == 1 + 2 + 1  # control + keep_versions slots + the spare (so a lease never blocks a publish)
     for path in files:
         st = os.stat(path)
         assert stat.S_IMODE(st.st_mode) == 0o600, path
@@ -413,7 +413,7 @@ def test_shm_explicit_reclaim_frees_a_dead_publishers_segments(tmp_path, unique_
         with pytest.raises(PublisherGoneError):
             reader.load()
         removed = reclaim_stale_segments(unique_channel)  # not all channels: other tests run beside us
-        assert len(set(removed)) == len(removed) == 1 + 4  # control + keep_versions (4) slots
+        assert len(set(removed)) == len(removed) == 1 + 4 + 1  # control + keep_versions (4) slots + the spare
         assert channel_files(unique_channel) == []
         assert reader.load() is False
     writer.close()

@@ -83,7 +83,7 @@ def test_optional_capabilities_are_found_by_type(tmp_path):
 def test_backend_option_bounds_are_named_from_python_too():
     from checkpointing.backends.memory import MemoryOptions
 
-    with pytest.raises(ConfigError, match=r"checkpoint.memory.keep_versions = 0; allowed: 1 to 64"):
+    with pytest.raises(ConfigError, match=r"checkpoint.memory.keep_versions = 0; allowed: 1 to 63"):
         CheckpointConfig(memory=MemoryOptions(keep_versions=0))
 
 
@@ -184,6 +184,33 @@ def test_compat_symbols_behave_as_this_library_needs():
     assert torch.equal(staged["a"], src["a"]) and staged["a"].data_ptr() != src["a"].data_ptr()
     assert _compat.flatten_state_dict({"x": {"y": 1}}) == {"x.y": 1}
     assert {"llama3", "qwen3"} <= set(_compat.torchtitan_model_names())
+
+
+def test_compat_save_without_record_crc_is_torch_save_minus_the_crcs():
+    """Same bytes as torch.save but for the zip records' CRC32 fields (zero), torch.load reads
+    it, and the process-wide torch.save setting is never touched."""
+    import io
+    import zipfile
+
+    from torch.serialization import get_crc32_options
+
+    from checkpointing import _compat
+
+    tensor = torch.arange(1000, dtype=torch.float32).reshape(10, 100)
+    ours, theirs = io.BytesIO(), io.BytesIO()
+    _compat.save_without_record_crc(tensor, ours)
+    torch.save(tensor, theirs)
+    assert get_crc32_options() is True
+    assert torch.equal(torch.load(io.BytesIO(ours.getvalue()), weights_only=True), tensor)
+    with zipfile.ZipFile(ours) as a, zipfile.ZipFile(theirs) as b:
+        assert [i.filename for i in a.infolist()] == [i.filename for i in b.infolist()]
+        assert [i.header_offset for i in a.infolist()] == [i.header_offset for i in b.infolist()]
+        data = [i for i in a.infolist() if i.filename.endswith("data/0")]
+        assert data and all(i.CRC == 0 for i in data)
+        assert all(j.CRC != 0 for j in b.infolist() if j.filename.endswith("data/0"))
+    parts = _compat.dcp_storage_writer_parts()
+    assert parts.suffix == ".distcp" and callable(parts.split_by_size_and_type) and callable(parts.item_size)
+    assert parts.StorageInfo("f", 0, 1, transform_descriptors=None).relative_path == "f"
 
 
 def test_compat_dtensor_box_on_a_one_rank_mesh(tmp_path):

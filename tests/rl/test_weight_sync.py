@@ -36,9 +36,11 @@ def reference_model(trainer, dtype: torch.dtype):
 
 
 class HandoffChecker:
-    def __init__(self, cfg):
+    def __init__(self, cfg, load_path: str | None = None):
         from rl.tokenizer import load_tokenizer
 
+        self.load_path = load_path
+        """How the generator's Checkpointer must have received each version (stats)."""
         self.dtype = DTYPES[cfg.rl.generator_dtype]
         self.temperature = cfg.rl.temperature
         self.sequence, self.prompt_length = fixed_sequence(load_tokenizer())
@@ -49,6 +51,8 @@ class HandoffChecker:
         generator.sync(trainer.published_version)
         assert generator.version == trainer.published_version == record["step"]
         assert generator.checkpointer.loaded_step == record["step"]
+        if self.load_path is not None:
+            assert generator.checkpointer.stats.last_load_path == self.load_path
         ref = reference_model(trainer, self.dtype)
         theirs = dict(ref.state_dict())
         mine = dict(generator.engine.model.state_dict())
@@ -66,7 +70,8 @@ class HandoffChecker:
 @pytest.mark.parametrize("case", WEIGHT_SYNC_CASES)
 def test_generator_matches_trainer_after_every_sync(case, tmp_path):
     cfg = load(tmp_path, *weight_sync_overrides(case), steps=3)
-    checker = HandoffChecker(cfg)
+    # The default memory handoff is single-copy: the generator adopts the published snapshot.
+    checker = HandoffChecker(cfg, "adopt" if case.startswith("memory") else "copy")
     summary = run(cfg, on_step=checker)
     assert checker.checked_versions == [1, 2, 3]
     records = [json.loads(line) for line in open(summary.metrics_path)]
@@ -81,7 +86,7 @@ def test_bfloat16_generator_is_bit_exact_in_its_dtype(case, tmp_path):
     if case.startswith("memory"):
         extra.append("--weight_sync.memory.dtype=bfloat16")  # publish already cast: half the bytes
     cfg = load(tmp_path, *weight_sync_overrides(case), *extra, steps=2)
-    checker = HandoffChecker(cfg)
+    checker = HandoffChecker(cfg, "adopt" if case.startswith("memory") else "copy")
     run(cfg, on_step=checker)
     assert checker.checked_versions == [1, 2]
 

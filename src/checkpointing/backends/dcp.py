@@ -12,15 +12,13 @@ path and byte range the metadata names must stay inside the step directory.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -30,7 +28,10 @@ from ..commit import StepDirectory, StoredSteps, commit_directory, staged_direct
 from ..distributed import world_size
 from ..dtypes import dtype_name
 from ..errors import CheckpointError, ConfigError, CorruptCheckpointError, StateMismatchError
-from .dcp_reader import DCP_METADATA, SafeFileSystemReader, SafeLoadPlanner, read_metadata
+from ..staging import apply_state, stage
+from ..untrusted import exists_here
+from .dcp_reader import DCP_METADATA, SafeFileSystemReader, SafeLoadPlanner, first_failure, load_checked, read_metadata
+from .dcp_writer import FileRecorder, RecordingFileSystemWriter
 
 __all__ = [
     "DCPBackend", "DCPOptions", "SPEC", "DCP_METADATA", "SafeFileSystemReader", "SafeLoadPlanner", "read_metadata",
@@ -55,46 +56,6 @@ class DCPOptions:
                 f"{prefix}.thread_count = {self.thread_count}; allowed: 1 to {MAX_THREADS} "
                 "(each thread writes its own file; more than the disk's queue depth only adds files)"
             )
-
-
-_crc32_lock = threading.Lock()
-_crc32_users = 0
-_crc32_before = True
-
-
-@contextlib.contextmanager
-def zip_record_crc32_off():
-    """Each DCP tensor item is a ``torch.save`` zip, and torch.save CRC32s every record with
-    miniz's table-driven CRC: about 0.4 s per GB on one core, paid again by our manifest. The
-    manifest's CRC32 covers the same bytes, and ``torch.load`` (TorchTitan's reader included)
-    does not need the record CRCs, so they are skipped while our saves run. The switch is
-    process-wide in torch: it is reference-counted so concurrent saves (a trainer checkpoint and
-    a weight-sync publish) restore the caller's setting only when the last one ends."""
-    global _crc32_users, _crc32_before
-    from torch.serialization import get_crc32_options, set_crc32_options
-
-    with _crc32_lock:
-        if _crc32_users == 0:
-            _crc32_before = get_crc32_options()
-            set_crc32_options(False)
-        _crc32_users += 1
-    try:
-        yield
-    finally:
-        with _crc32_lock:
-            _crc32_users -= 1
-            if _crc32_users == 0:
-                set_crc32_options(_crc32_before)
-
-
-def first_failure(error: BaseException) -> BaseException:
-    """DCP wraps per-rank failures in CheckpointException, a *BaseException* that ``except
-    Exception`` (and every caller's error handling) would miss: take the first rank's cause."""
-    failures = getattr(error, "failures", None) if isinstance(error, CheckpointException) else None
-    if isinstance(failures, dict) and failures:
-        wrapped = failures[min(failures)]
-        return wrapped[0] if isinstance(wrapped, tuple) else wrapped
-    return error
 
 
 def check_fits(metadata, flat: dict[str, Any], source: str) -> None:
@@ -133,10 +94,13 @@ def not_a_step_dir_message(path: str) -> str:
     )
 
 
-def write_dcp_dir(path: str, flat: dict[str, Any], options: DCPOptions, process_group: Any = None) -> None:
+def write_dcp_dir(
+    path: str, flat: dict[str, Any], options: DCPOptions, process_group: Any = None, record: FileRecorder | None = None
+) -> None:
     """Write ``flat`` as DCP files into ``path`` (a staging directory the caller commits): a
-    ``dcp`` step, or the training-state sidecar of an ``hf`` step."""
-    writer = FileSystemWriter(
+    ``dcp`` step, or the training-state sidecar of an ``hf`` step. ``record`` receives each data
+    file's digest, computed while it was written (:mod:`.dcp_writer`)."""
+    writer = RecordingFileSystemWriter(
         path,
         single_file_per_rank=options.single_file_per_rank,
         thread_count=options.thread_count,
@@ -144,10 +108,10 @@ def write_dcp_dir(path: str, flat: dict[str, Any], options: DCPOptions, process_
         # Several ranks: each flushes its own files (on a network filesystem another
         # process's fsync does not flush this client's cache).
         sync_files=world_size(process_group) > 1,
+        record=record,
     )
     try:
-        with zip_record_crc32_off():
-            dcp.save(flat, storage_writer=writer, process_group=process_group)
+        dcp.save(flat, storage_writer=writer, process_group=process_group)
     except CheckpointException as e:
         first = first_failure(e)
         raise CheckpointError(f"writing DCP checkpoint {path} failed: {first!r}") from first
@@ -200,7 +164,8 @@ class DCPBackend(StoredSteps):
     # -- writing
     def write(self, step: int, state: StepState) -> None:
         with self.store.stage(step) as staging:
-            write_dcp_dir(staging, state.flat(), self.options, self.ctx.process_group)
+            record = functools.partial(self.store.record_checksum, staging)
+            write_dcp_dir(staging, state.flat(), self.options, self.ctx.process_group, record=record)
 
     def write_path(self, path: str, state: StepState, progress: Callable[[int], None] | None = None) -> None:
         """A new DCP step directory outside the folder (``ckpt convert --to dcp``), committed
@@ -214,7 +179,7 @@ class DCPBackend(StoredSteps):
 
     # -- inspecting (ckpt)
     def recognizes(self, path: str) -> bool:
-        return os.path.isfile(os.path.join(path, DCP_METADATA))
+        return exists_here(os.path.join(path, DCP_METADATA))  # of any kind: a FIFO is refused when read
 
     def describe(self, path: str) -> dict[str, Any]:
         return {"tensors": describe_dcp_dir(path)}
@@ -230,27 +195,21 @@ class DCPBackend(StoredSteps):
 
     def read_path(self, path: str, state: StepState) -> None:
         """Read a DCP step directory outside our folder (``initial_load_path``)."""
-        if not os.path.isfile(os.path.join(path, DCP_METADATA)):
+        if not exists_here(os.path.join(path, DCP_METADATA)):
             raise ConfigError(not_a_step_dir_message(path))
         store = StepDirectory(os.path.dirname(os.path.abspath(path)), "dcp", foreign_marker=DCP_METADATA)
         store.verify(path, self.verify_mode)
         self._read_dir(path, state)
 
     def _read_dir(self, path: str, state: StepState) -> None:
+        """Everything is read into a staged copy and checked first; the receiver is written
+        only once the whole step has been read (:mod:`checkpointing.staging`)."""
         flat = state.flat()
         reader = SafeFileSystemReader(path)
         check_fits(reader.read_metadata(), flat, path)
-        try:
-            dcp.load(flat, storage_reader=reader, planner=SafeLoadPlanner(), process_group=self.ctx.process_group)
-        except CheckpointError:
-            raise
-        except (Exception, CheckpointException) as e:
-            first = first_failure(e)
-            if isinstance(first, CheckpointError):
-                raise first from None
-            raise CorruptCheckpointError(f"reading DCP checkpoint {path} failed: {first!r}", path) from first
-        for key in state.extras:
-            state.extras[key] = flat[key]
+        staged = stage(flat)
+        load_checked(staged, reader, path, self.ctx.process_group)
+        apply_state(state, {k: staged[k] for k in state.model}, {k: staged[k] for k in state.extras})
 
 
 SPEC = BackendSpec(

@@ -24,17 +24,25 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
 from .._compat import create_file_view, narrow_tensor_by_index, set_element
-from ..errors import CorruptCheckpointError, UnsafeCheckpointError
+from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from ..safepath import safe_join
+from ..untrusted import describe, open_binary, read_regular
 from .safe_metadata import check_storage_layout, safe_load_metadata
 
 DCP_METADATA = ".metadata"
+MAX_METADATA_BYTES = 512 << 20
+"""DCP metadata grows with tensors x ranks (one chunk entry each, ~150 bytes): 512 MiB holds a
+few million chunks, beyond the largest jobs, and refuses a sparse or padded file unread."""
+ZIP_MAGIC = b"PK\x03\x04"
+"""Every DCP item is a ``torch.save`` zip. torch's legacy (pre-zip) format allocates whatever
+element count a storage declares before reading it: refused, never parsed."""
 
 
 class SafeFileSystemReader(FileSystemReader):
@@ -74,8 +82,7 @@ class SafeFileSystemReader(FileSystemReader):
         root = os.fspath(self.path)
         path = safe_join(root, name)
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = read_regular(path, MAX_METADATA_BYTES, "DCP metadata")
         except FileNotFoundError:
             raise CorruptCheckpointError(f"DCP metadata missing: {path}", path) from None
         metadata = safe_load_metadata(data, path)
@@ -94,16 +101,27 @@ class SafeFileSystemReader(FileSystemReader):
         items = sorted(plan.items, key=order)
         for group in ([i for i in items if i.type == LoadItemType.BYTE_IO], [i for i in items if i.type != LoadItemType.BYTE_IO]):
             for relative_path, file_items in itertools.groupby(group, key=lambda i: self.storage_data[i.storage_index].relative_path):
-                path = self.fs.concat_path(self.path, relative_path)
-                with self.fs.create_stream(path, "rb") as stream:
+                path = safe_join(os.fspath(self.path), relative_path)
+                try:
+                    stream = open_binary(path, "DCP data file")
+                except FileNotFoundError:
+                    raise CorruptCheckpointError(f"checkpoint file missing: {path}", path) from None
+                with stream:
                     for item in file_items:
-                        self._read_item(stream, item, planner, os.fspath(path))
+                        self._read_item(stream, item, planner, path)
         fut: Future = Future()
         fut.set_result(None)
         return fut
 
     def _read_item(self, stream, item: ReadItem, planner: LoadPlanner, path: str) -> None:
         info = self.storage_data[item.storage_index]
+        stream.seek(info.offset)
+        if info.length < len(ZIP_MAGIC) or _read_all(stream, len(ZIP_MAGIC)) != ZIP_MAGIC:
+            raise CorruptCheckpointError(
+                f"{path}: item {describe(item.storage_index.fqn)} at byte {info.offset} is not a torch.save zip "
+                "(legacy or damaged format; refused unparsed)",
+                path,
+            )
         if item.type == LoadItemType.BYTE_IO:
             view = create_file_view(stream, info.offset, info.length)
             planner.load_bytes(item, io.BytesIO(view.read(-1)))
@@ -118,7 +136,7 @@ class SafeFileSystemReader(FileSystemReader):
         target = planner.resolve_tensor(item).detach()
         if target.size() != tensor.size():
             raise CorruptCheckpointError(
-                f"{item.storage_index.fqn!r}: stored chunk has size {tuple(tensor.size())}, the receiver "
+                f"{describe(item.storage_index.fqn)}: stored chunk has size {tuple(tensor.size())}, the receiver "
                 f"expects {tuple(target.size())}"
             )
         target.copy_(tensor)
@@ -190,13 +208,23 @@ def _plain_tensor_pickle(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
     return bytes(torch._C.PyTorchFileReader(io.BytesIO(buffer.getvalue())).get_record("data.pkl"))
 
 
+def _read_all(stream, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = stream.read(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def _read_exactly(stream, buffer, path: str, fqn: str) -> None:
     view = memoryview(buffer).cast("B")
     done = 0
     while done < len(view):
         n = stream.readinto(view[done:])
         if not n:
-            raise CorruptCheckpointError(f"{path}: {fqn!r} is cut short ({done} of {len(view)} bytes)", path)
+            raise CorruptCheckpointError(f"{path}: {describe(fqn)} is cut short ({done} of {len(view)} bytes)", path)
         done += n
 
 
@@ -211,15 +239,45 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             obj = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as e:
             raise UnsafeCheckpointError(
-                f"non-tensor value {fqn!r} needs more than weights_only=True allows (it could run code); "
-                f"refusing it: {e}"
+                f"non-tensor value {describe(fqn)} needs more than weights_only=True allows (it could run code); "
+                f"refusing it: {str(e)[:300]}"
             ) from None
-        except Exception as e:
-            raise CorruptCheckpointError(f"non-tensor value {fqn!r} is unreadable: {e!r}") from None
+        except (Exception, RecursionError) as e:
+            raise CorruptCheckpointError(f"non-tensor value {describe(fqn)} is unreadable: {type(e).__name__}: {str(e)[:200]}") from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[fqn], obj)
         else:
             self.state_dict[fqn] = obj
+
+
+def first_failure(error: BaseException) -> BaseException:
+    """DCP wraps per-rank failures in CheckpointException, a *BaseException* that ``except
+    Exception`` (and every caller's error handling) would miss: take the first rank's cause."""
+    failures = getattr(error, "failures", None) if isinstance(error, CheckpointException) else None
+    if isinstance(failures, dict) and failures:
+        wrapped = failures[min(failures)]
+        return wrapped[0] if isinstance(wrapped, tuple) else wrapped
+    return error
+
+
+def load_checked(state_dict: dict[str, Any], reader: SafeFileSystemReader, source: str, process_group: Any = None) -> None:
+    """``dcp.load`` through the safe reader and planner, with every failure a CheckpointError:
+    ours pass through, DCP's ``CheckpointException`` (a BaseException) is unwrapped, anything
+    else a crafted item provokes inside DCP or torch becomes a CorruptCheckpointError naming
+    ``source``. Callers hand in a *staged* state dict (:mod:`checkpointing.staging`): this
+    writes into it item by item."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(state_dict, storage_reader=reader, planner=SafeLoadPlanner(), process_group=process_group)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException, RecursionError) as e:
+        first = first_failure(e)
+        if isinstance(first, CheckpointError):
+            raise first from None
+        text = str(first)[:300] if not isinstance(first, RecursionError) else "nested too deeply"
+        raise CorruptCheckpointError(f"reading DCP checkpoint {source} failed: {type(first).__name__}: {text}", source) from None
 
 
 def read_metadata(step_dir: str):

@@ -81,7 +81,7 @@ SPEC: dict[str, KeySpec] = {
     "memory.channel": KeySpec("channel"),
     "memory.bucket_size_mb": INT(lambda v: v >= 1),
     "memory.dtype": ENUM("auto", "float32", "bfloat16", "float16"),
-    "memory.keep_versions": INT(lambda v: 1 <= v <= 64),
+    "memory.keep_versions": INT(lambda v: 1 <= v <= 63),  # + the spare slot: 64 segments at most
     "memory.verify_data": BOOL,
     "dist": TABLE,
     "dist.init_method": KeySpec("init_method"),

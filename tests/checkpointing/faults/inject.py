@@ -30,7 +30,7 @@ class Injected:
 # where -> backend -> (module, attribute path, failing call number)
 RECIPES: dict[str, dict[str, tuple[str, str, int]]] = {
     "data": {
-        "dcp": ("torch.distributed.checkpoint.filesystem", "_write_item", 2),
+        "dcp": ("checkpointing.backends.dcp_writer", "RecordingFileSystemWriter._write_item", 2),
         "hf": ("checkpointing.backends.hf.safetensors_io", "_write_all", 2),
         "memory": ("checkpointing.backends.memory.layout", "SnapshotViews.__call__", 3),
         "dist": ("checkpointing.backends.dist.snapshot", "fill", 1),

@@ -188,12 +188,13 @@ GENERIC: dict[str, Callable[[Trap], None]] = {
 
 # ---------------------------------------------------------------------- per-backend recipes
 def _dcp_mid_data(trap: Trap) -> None:
-    """DCP writes each tensor through ``filesystem._write_item`` into one open stream: die after
-    the second item, with what was written flushed, so a truncated ``.distcp`` is on disk."""
-    from torch.distributed.checkpoint import filesystem
+    """Our DCP writer writes each item through ``RecordingFileSystemWriter._write_item`` into
+    one open stream: die after the second item, with what was written flushed, so a truncated
+    ``.distcp`` is on disk."""
+    from checkpointing.backends.dcp_writer import RecordingFileSystemWriter as Writer
 
-    flush = lambda transforms, stream, *a, **kw: stream.flush()  # noqa: E731
-    filesystem._write_item = trap.after_calls(2, flush)(filesystem._write_item)
+    flush = lambda self, stream, *a, **kw: stream.flush()  # noqa: E731
+    Writer._write_item = trap.after_calls(2, flush)(Writer._write_item)
 
 
 def _hf_mid_data(trap: Trap) -> None:

@@ -26,6 +26,8 @@ from ...dtypes import dtype_name
 from ...errors import ConfigError, UnsafeCheckpointError
 from ..dcp import DCPOptions, check_dcp_structure, describe_dcp_dir, write_dcp_dir
 from ...safepath import check_no_escaping_links
+from ...staging import apply_state, stage
+from ...untrusted import exists_here
 from .directory import INDEX, SINGLE_FILE, HFDirectory, is_hf_dir
 from .model_writer import write_model
 from .state_mapping import HFNaming, load_model, plan_load
@@ -143,7 +145,7 @@ class HFBackend(StoredSteps):
                 f"{path} is not a Hugging Face model directory (no {INDEX} and no {SINGLE_FILE}); "
                 "a DCP checkpoint is read with initial_load_in_hf = false"
             )
-        if os.path.isfile(os.path.join(path, MANIFEST)):
+        if exists_here(os.path.join(path, MANIFEST)):  # of any kind: a FIFO is refused, not skipped
             StepDirectory(os.path.dirname(os.path.abspath(path)), "hf", foreign_marker=INDEX).verify(path, self.verify_mode)
         else:
             log.info("%s has no %s (written by another tool): checksums not verified", path, MANIFEST)
@@ -158,12 +160,13 @@ class HFBackend(StoredSteps):
             plan = plan_load(directory, state.model, self.naming)
         if state.extras:
             check_sidecar(path, state.extras)
-        # The sidecar first: its non-tensor values (the only part that can still be refused
-        # after the checks above) are read before any tensor, so a refusal changes nothing.
-        if state.extras:
-            read_sidecar(path, state.extras, self.ctx.process_group)
+        # Then everything is read aside; the receiver is written only after all of it was read.
+        staged_extras = read_sidecar(path, state.extras, self.ctx.process_group) if state.extras else None
+        staged_model = None
         if directory is not None and plan is not None:
-            load_model(directory, plan, state.model)
+            staged_model = stage(state.model)
+            load_model(directory, plan, staged_model)
+        apply_state(state, staged_model, staged_extras)
 
 
 SPEC = BackendSpec(

@@ -19,6 +19,7 @@ import torch
 
 from ...errors import CorruptCheckpointError, UnsafeCheckpointError
 from ...safepath import safe_join
+from ...untrusted import describe, exists_here, open_regular, read_regular
 from .safetensors_io import ShardHeader, TensorEntry, parse_json_strict, read_header
 
 INDEX = "model.safetensors.index.json"
@@ -51,7 +52,9 @@ def index_json(weight_map: dict[str, str], total_size: int) -> str:
 
 
 def is_hf_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, INDEX)) or os.path.isfile(os.path.join(path, SINGLE_FILE))
+    """An index or a single shard is *there* (of whatever kind: a FIFO index is refused when
+    read, not taken for "no index")."""
+    return exists_here(os.path.join(path, INDEX)) or exists_here(os.path.join(path, SINGLE_FILE))
 
 
 @dataclass
@@ -64,13 +67,13 @@ class HFDirectory:
     config: dict
 
     @classmethod
-    def open(cls, root: str) -> "HFDirectory":
+    def open(cls, root: str) -> HFDirectory:
         weight_map = _read_weight_map(root)
         shards: dict[str, ShardHeader] = {}
         for rel in sorted(set(weight_map.values())):
             path = safe_join(root, rel)
-            if not os.path.isfile(path):
-                raise CorruptCheckpointError(f"{os.path.join(root, INDEX)} names shard {rel!r}, which is missing: {path}", path)
+            if not exists_here(path):
+                raise CorruptCheckpointError(f"{os.path.join(root, INDEX)} names shard {describe(rel)}, which is missing: {path}", path)
             shards[rel] = read_header(path)
         tensors: dict[str, tuple[str, TensorEntry]] = {}
         owner: dict[str, str] = {}
@@ -78,7 +81,7 @@ class HFDirectory:
             for name in header.entries:
                 if name in owner:
                     raise CorruptCheckpointError(
-                        f"tensor {name!r} is defined in both {owner[name]} and {rel} in {root}", header.path
+                        f"tensor {describe(name)} is defined in both {owner[name]} and {rel} in {root}", header.path
                     )
                 owner[name] = rel
         for name, rel in weight_map.items():
@@ -86,7 +89,7 @@ class HFDirectory:
             if entry is None:
                 where = f" (it is in {owner[name]})" if name in owner else ""
                 raise CorruptCheckpointError(
-                    f"{os.path.join(root, INDEX)} maps {name!r} to {rel}, which does not hold it{where}", shards[rel].path
+                    f"{os.path.join(root, INDEX)} maps {describe(name)} to {rel}, which does not hold it{where}", shards[rel].path
                 )
             tensors[name] = (rel, entry)
         return cls(root, shards, tensors, _read_config(root))
@@ -101,19 +104,23 @@ class HFDirectory:
     def describe(self) -> list[tuple[str, torch.dtype, tuple[int, ...], str]]:
         return [(name, e.dtype, e.shape, rel) for name, (rel, e) in sorted(self.tensors.items())]
 
+    def open_shard(self, rel: str) -> int:
+        """A descriptor on a checked shard, opened as every untrusted file is (a FIFO or link
+        swapped in after the header check is refused, not waited on)."""
+        return open_regular(self.shards[rel].path, "safetensors file")
+
 
 def _read_bounded(path: str, limit: int) -> bytes:
-    with open(path, "rb") as f:
-        raw = f.read(limit + 1)
-    if len(raw) > limit:
-        raise CorruptCheckpointError(f"{path} is larger than {limit} bytes; refusing to parse it", path)
-    return raw
+    try:
+        return read_regular(path, limit, os.path.basename(path))
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{path} is missing", path) from None
 
 
 def _read_weight_map(root: str) -> dict[str, str]:
     index_path = os.path.join(root, INDEX)
-    if not os.path.isfile(safe_join(root, INDEX)):
-        if os.path.isfile(safe_join(root, SINGLE_FILE)):
+    if not exists_here(safe_join(root, INDEX)):
+        if exists_here(safe_join(root, SINGLE_FILE)):
             return {name: SINGLE_FILE for name in read_header(os.path.join(root, SINGLE_FILE)).entries}
         raise CorruptCheckpointError(f"{root} is not a Hugging Face model directory: no {INDEX} and no {SINGLE_FILE}", root)
     index = parse_json_strict(_read_bounded(index_path, MAX_INDEX_BYTES), index_path, "the index")
@@ -126,13 +133,13 @@ def _read_weight_map(root: str) -> dict[str, str]:
         except UnsafeCheckpointError as e:
             raise UnsafeCheckpointError(f"{index_path}: weight_map entry refused: {e}", index_path) from None
         if not rel.endswith(SUFFIX):
-            raise CorruptCheckpointError(f"{index_path} names {rel!r}; shard files must end in {SUFFIX}", index_path)
+            raise CorruptCheckpointError(f"{index_path} names {describe(rel)}; shard files must end in {SUFFIX}", index_path)
     return weight_map
 
 
 def _read_config(root: str) -> dict:
     path = safe_join(root, CONFIG)
-    if not os.path.isfile(path):
+    if not exists_here(path):
         return {}
     config = parse_json_strict(_read_bounded(path, MAX_INDEX_BYTES), path, CONFIG)
     if not isinstance(config, dict):

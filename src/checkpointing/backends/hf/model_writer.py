@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from ...checksum import FileDigest
 from ...errors import CheckpointError
 from .directory import CONFIG, INDEX, index_json, plan_shards, shard_name
 from .hf_config import hf_config
@@ -45,12 +46,12 @@ def write_model(
     max_shard_bytes: int,
     process_group: Any = None,
     progress: Callable[[int], None] | None = None,
-    record_checksum: Callable[[str, int, int], None] | None = None,
+    record_checksum: Callable[[str, int, FileDigest], None] | None = None,
 ) -> dict[str, Any]:
     """Write ``model_state`` (TorchTitan keys) under HF names into ``root``; returns the HF dict.
 
     Every rank calls this; only rank 0 writes plain tensors, every rank writes its DTensor shards.
-    ``record_checksum(relpath, size, crc32)`` receives what each shard's writer computed."""
+    ``record_checksum(relpath, size, digest)`` receives what each shard's writer computed."""
     hf_state = naming.to_hf(model_state)
     bad = sorted(k for k, v in hf_state.items() if not isinstance(v, torch.Tensor))
     if bad:
@@ -71,9 +72,9 @@ def _write_local(root: str, hf_state: dict[str, Any], shards: list[list[str]], p
     weight_map: dict[str, str] = {}
     for i, names in enumerate(shards, start=1):
         rel = shard_name(i, len(shards))
-        size, crc = write_shard(os.path.join(root, rel), [(n, hf_state[n]) for n in names], progress=progress)
+        size, digest = write_shard(os.path.join(root, rel), [(n, hf_state[n]) for n in names], progress=progress)
         if record_checksum is not None:
-            record_checksum(rel, size, crc)
+            record_checksum(rel, size, digest)
         weight_map.update(dict.fromkeys(names, rel))
     total = sum(tensor_nbytes(v) for v in hf_state.values())
     _write_text(os.path.join(root, INDEX), index_json(weight_map, total))

@@ -19,18 +19,22 @@ import json
 import math
 import os
 import struct
-import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
+from ...checksum import DigestOnTheSide, FileDigest
 from ...errors import CorruptCheckpointError
+from ...untrusted import describe, open_binary, parse_json
 
 HEADER_LENGTH_BYTES = 8
 MAX_HEADER_BYTES = 100 << 20
 """The safetensors library's own limit: a larger declared header is refused before reading."""
 METADATA_KEY = "__metadata__"
+MAX_NDIM = 64
+MAX_DIM = 1 << 62
 _MAX_WRITE = 1 << 30  # one write() call; Linux caps a single write at ~2 GiB anyway
 
 DTYPES: dict[str, torch.dtype] = {
@@ -76,26 +80,10 @@ class ShardHeader:
     metadata: dict[str, str]
 
 
-def _reject_duplicates(path: str):
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:
-                raise CorruptCheckpointError(f"{path}: JSON names {key!r} twice; refusing an ambiguous file", path)
-            out[key] = value
-        return out
-
-    return hook
-
-
 def parse_json_strict(raw: bytes, path: str, what: str) -> Any:
-    """JSON where a repeated key is corruption, not 'last one wins'."""
-    try:
-        return json.loads(raw, object_pairs_hook=_reject_duplicates(path))
-    except CorruptCheckpointError:
-        raise
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise CorruptCheckpointError(f"{path}: {what} is not valid JSON: {e}", path) from None
+    """JSON where a repeated key is corruption, not 'last one wins' (bounded: see
+    :func:`checkpointing.untrusted.parse_json`)."""
+    return parse_json(raw, path, what)
 
 
 def _is_int(x: Any) -> bool:
@@ -104,17 +92,17 @@ def _is_int(x: Any) -> bool:
 
 def _entry(path: str, name: str, info: Any, data_start: int) -> TensorEntry:
     def bad(why: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(f"{path}: tensor {name!r} {why}", path)
+        return CorruptCheckpointError(f"{path}: tensor {describe(name)} {why}", path)
 
     if not isinstance(info, dict):
         raise bad("has a malformed header entry")
     dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype_name not in DTYPES:
-        raise bad(f"has dtype {dtype_name!r}; allowed: {', '.join(DTYPES)}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise bad(f"has shape {shape!r}; expected a list of non-negative integers")
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise bad(f"has dtype {describe(dtype_name)}; allowed: {', '.join(DTYPES)}")
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape):
+        raise bad(f"has shape {describe(shape)}; expected a list of at most {MAX_NDIM} non-negative integers")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
-        raise bad(f"has data_offsets {offsets!r}; expected [begin, end]")
+        raise bad(f"has data_offsets {describe(offsets)}; expected [begin, end]")
     begin, end = offsets
     if not 0 <= begin <= end:
         raise bad(f"has data_offsets [{begin}, {end}]; begin must be >= 0 and <= end")
@@ -130,11 +118,9 @@ def _entry(path: str, name: str, info: Any, data_start: int) -> TensorEntry:
 def read_header(path: str) -> ShardHeader:
     """Parse and check ``path``'s header; no tensor bytes are read."""
     try:
-        f = open(path, "rb", buffering=0)
+        f = open_binary(path, "safetensors file")
     except FileNotFoundError:
         raise CorruptCheckpointError(f"safetensors file missing: {path}", path) from None
-    except IsADirectoryError:
-        raise CorruptCheckpointError(f"{path} is a directory, expected a safetensors file", path) from None
     with f:
         file_size = os.fstat(f.fileno()).st_size
         head = f.read(HEADER_LENGTH_BYTES)
@@ -168,11 +154,11 @@ def _check_layout(path: str, entries: dict[str, TensorEntry], data_start: int, f
     for entry in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
         if entry.begin < position:
             raise CorruptCheckpointError(
-                f"{path}: tensor {entry.name!r} overlaps the tensor before it (bytes {entry.begin - data_start}..)", path
+                f"{path}: tensor {describe(entry.name)} overlaps the tensor before it (bytes {entry.begin - data_start}..)", path
             )
         if entry.begin > position:
             raise CorruptCheckpointError(
-                f"{path}: {entry.begin - position} unaccounted bytes before tensor {entry.name!r}", path
+                f"{path}: {entry.begin - position} unaccounted bytes before tensor {describe(entry.name)}", path
             )
         position = entry.end
     if position > file_size:
@@ -217,12 +203,14 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[n:]
 
 
-def write_shard(path: str, named: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None, progress=None) -> tuple[int, int]:
-    """Write one safetensors file; returns (size, crc32) of what was written, computed from the
-    same memory on the way out so the commit need not read the file back. The caller's commit
-    protocol fsyncs it."""
+def write_shard(
+    path: str, named: list[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None, progress=None
+) -> tuple[int, FileDigest]:
+    """Write one safetensors file; returns (size, digest) of what was written, computed from the
+    same memory on the way out (on a helper thread) so the commit need not read the file back.
+    The caller's commit protocol fsyncs it."""
     head = memoryview(build_header(named, metadata))
-    crc = _Crc32OnTheSide()
+    crc = DigestOnTheSide()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         crc.add(head)
@@ -239,34 +227,6 @@ def write_shard(path: str, named: list[tuple[str, torch.Tensor]], metadata: dict
         os.close(fd)
         checksum = crc.result()
     return total, checksum
-
-
-class _Crc32OnTheSide:
-    """CRC32 of the buffers being written, computed on one helper thread while the caller's
-    ``os.write`` copies the same buffer into the page cache (both release the GIL), so the
-    checksum costs little wall time. One worker keeps the buffers in order; each pending task
-    holds its buffer alive."""
-
-    def __init__(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crc32")
-        self._crc = 0
-        self._pending: list = []
-
-    def _update(self, data: memoryview) -> None:
-        self._crc = zlib.crc32(data, self._crc)
-
-    def add(self, data: memoryview) -> None:
-        self._pending.append(self._pool.submit(self._update, data))
-
-    def result(self) -> int:
-        try:
-            for task in self._pending:
-                task.result()
-        finally:
-            self._pool.shutdown(wait=True)
-        return self._crc
 
 
 # ------------------------------------------------------------------------------------- reading
@@ -304,7 +264,7 @@ def read_region(fd: int, entry: TensorEntry, path: str, offsets: tuple[int, ...]
             _read_exact(fd, view, start, path)
         return out
     whole = read_region(fd, entry, path)
-    return whole[tuple(slice(o, o + s) for o, s in zip(offsets, shape))].clone()
+    return whole[tuple(slice(o, o + s) for o, s in zip(offsets, shape, strict=True))].clone()
 
 
 def read_into(fd: int, entry: TensorEntry, target: torch.Tensor, path: str, offsets: tuple[int, ...] | None = None) -> None:

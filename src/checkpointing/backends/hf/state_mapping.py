@@ -146,7 +146,7 @@ def load_model(directory: HFDirectory, plan: LoadPlan, targets: dict[str, Any], 
 
     def fd_for(rel: str) -> int:
         if rel not in fds:
-            fds[rel] = os.open(directory.shards[rel].path, os.O_RDONLY)
+            fds[rel] = directory.open_shard(rel)
         return fds[rel]
 
     def entry(name: str) -> tuple[str, TensorEntry]:

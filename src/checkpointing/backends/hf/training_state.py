@@ -13,12 +13,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-
-from ...errors import CheckpointError, CorruptCheckpointError, StateMismatchError
+from ...errors import StateMismatchError
 from ...safepath import safe_join
-from ..dcp import SafeFileSystemReader, SafeLoadPlanner, check_fits, first_failure
+from ...staging import stage
+from ..dcp import SafeFileSystemReader, check_fits
+from ..dcp_reader import load_checked
 
 SIDECAR = "training_state"
 
@@ -43,17 +42,11 @@ def check_sidecar(step_dir: str, extras: dict[str, Any]) -> None:
     check_fits(SafeFileSystemReader(path).read_metadata(), dict(extras), path)
 
 
-def read_sidecar(step_dir: str, extras: dict[str, Any], process_group: Any = None) -> None:
-    """Load into ``extras`` in place: tensors copied into, non-tensor leaves replaced."""
+def read_sidecar(step_dir: str, extras: dict[str, Any], process_group: Any = None) -> dict[str, Any]:
+    """Read the training state into a staged copy shaped like ``extras`` and return it;
+    ``extras`` itself is not touched (the caller applies the copy once the model part of the
+    step has been read too: :func:`checkpointing.staging.apply_state`)."""
     path = sidecar_path(step_dir)
-    holder = dict(extras)
-    try:
-        dcp.load(holder, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(), process_group=process_group)
-    except CheckpointError:
-        raise
-    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-        first = first_failure(e)
-        if isinstance(first, CheckpointError):
-            raise first from None
-        raise CorruptCheckpointError(f"reading training state {path} failed: {first!r}", path) from first
-    extras.update(holder)
+    staged = stage(dict(extras))
+    load_checked(staged, SafeFileSystemReader(path), path, process_group)
+    return staged

@@ -3,13 +3,13 @@
 
 Modules, one concept each: :mod:`.layout` (snapshot layout + JSON manifest), :mod:`.snapshot`
 (bucketed gather/cast on publish, optional checksums), :mod:`.apply` (checked in-place copy on
-load), :mod:`.transport` (versioned slots, the no-torn-read protocol), :mod:`.local` and
+load), :mod:`.transport` (versioned slots, leases, the no-torn-read protocol), :mod:`.local` and
 :mod:`.shm` (the transports), :mod:`.segments` and :mod:`.lifetime` (private /dev/shm segments,
 ownership, reclaiming what a killed publisher left), :mod:`.backend` (the Backend protocol).
 """
 
 from .backend import SPEC, MemoryBackend, MemoryOptions
-from .errors import ChannelBusyError, ChannelNotFoundError, PublisherGoneError, TornReadError
+from .errors import ChannelBusyError, ChannelNotFoundError, PublisherGoneError, SlotsLeasedError, TornReadError
 
 
 def reclaim_stale_segments(channel: str | None = None) -> list[str]:
@@ -29,6 +29,7 @@ __all__ = [
     "ChannelBusyError",
     "ChannelNotFoundError",
     "PublisherGoneError",
+    "SlotsLeasedError",
     "TornReadError",
     "reclaim_stale_segments",
 ]

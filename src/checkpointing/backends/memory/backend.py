@@ -1,7 +1,11 @@
 """``backend = "memory"``: hand model weights to a reader at memory speed, no files.
 
-``save(step)`` publishes a versioned snapshot of the model; ``load()`` copies the newest
-complete version into the reader's own tensors, in place. What the backend promises, and why:
+``save(step)`` publishes a versioned snapshot of the model; ``load()`` hands the newest complete
+version to the reader. A pure reader (``load_only``, a plain module whose dtypes and device match
+the snapshot, ``load_mode = "auto"``) *adopts* it: :meth:`MemoryBackend.open_views` leases the
+version and its parameters become views of the snapshot (no copy; the publisher writes other
+slots while the lease lasts, see :mod:`.transport`). Any other reader gets a copy into its own
+tensors, in place. What the backend promises, and why:
 
 * **Model tensors only** (``non_tensor_state = False``): optimizer, lr, dataloader and train
   state exist to resume training, and a snapshot that dies with its publisher cannot resume
@@ -16,11 +20,15 @@ complete version into the reader's own tensors, in place. What the backend promi
 * **No torn versions**: see :mod:`.transport`. Data checksums are off the hot path (they cost
   about half a memcpy per side); ``verify_data`` turns them on, and then a reader checks every
   tensor *before* copying, so a damaged snapshot never reaches the receiver.
-* **Memory**: ``keep_versions`` snapshots in the snapshot dtype, nothing else (an ``shm``
-  reader maps them, it does not copy them). With 1, a reader finds no complete version while
-  one is written (``load()`` returns False then); with 2 (the default) it always finds one.
-  Readers follow the publisher's ``keep_versions``. ``async_mode`` adds the manager's staging
-  copy and gains nothing here: leave it disabled.
+* **Memory**: ``keep_versions`` snapshots in the snapshot dtype, plus one spare that is only
+  filled while readers hold (lease) every kept version, nothing else (an ``shm`` reader maps
+  them, it does not copy them; an adopting reader's own weights are freed). With 1, a reader
+  finds no complete version while one is written (``load()`` returns False then); with 2 (the
+  default) it always finds one. Readers follow the publisher's ``keep_versions``.
+  ``async_mode`` adds the manager's staging copy and gains nothing here: leave it disabled.
+* **Adopted weights are read-only for ``shm``**: they view the publisher's pages through a
+  read-only mapping (a reader can never change what others read), so writing into them in place
+  faults. A reader that edits its weights in place sets ``load_mode = "copy"``.
 * **Sharded publishers**: DTensors are gathered bucket by bucket (:mod:`.snapshot`); with ``shm``
   only rank 0 of the group writes the snapshot (one per host), with ``local`` every rank keeps
   its own for its colocated reader. Sharded receivers copy just their shard's slice.
@@ -29,21 +37,23 @@ complete version into the reader's own tensors, in place. What the backend promi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 
 from ...backend import BackendContext, BackendSpec, Capabilities, StepState
 from ...distributed import rank
 from ...errors import ConfigError, StateMismatchError
+from ...receiver import TensorSpec, check_fit
 from .apply import apply_plan, plan_load
-from .layout import DTYPES, Layout
+from .layout import DTYPES, Layout, SnapshotViews
 from .local import LocalTransport
 from .segments import CHANNEL_RE
 from .snapshot import checksums, fill_snapshot, verify_checksums
-from .transport import Transport
+from .transport import SPARE_SLOTS, PinnedVersion, Transport
 
-MAX_KEEP_VERSIONS = 64
+MAX_KEEP_VERSIONS = 63
+"""Plus the spare slot: at most 64 segments per channel (:data:`.lifetime.MAX_SLOTS`)."""
 
 
 @dataclass
@@ -60,7 +70,8 @@ class MemoryOptions:
     """Dtype of the published snapshot; ``auto`` keeps the publisher's (the receiver still casts
     into its own tensors)."""
     keep_versions: int = 2
-    """Snapshots held at once; with 2 a reader copies one while the next is written."""
+    """Snapshots held at once; with 2 a reader copies one while the next is written. One more
+    (spare) slot is filled only while readers hold every kept version."""
     verify_data: bool = False
     """Checksum every tensor on publish and check it on load before the receiver is touched.
     Off by default: it costs about half a memcpy per side, and torn reads are already
@@ -75,7 +86,10 @@ class MemoryOptions:
         if self.bucket_size_mb < 1:
             raise ConfigError(f"{prefix}.bucket_size_mb = {self.bucket_size_mb}; it must be >= 1")
         if not 1 <= self.keep_versions <= MAX_KEEP_VERSIONS:
-            raise ConfigError(f"{prefix}.keep_versions = {self.keep_versions}; allowed: 1 to {MAX_KEEP_VERSIONS}")
+            raise ConfigError(
+                f"{prefix}.keep_versions = {self.keep_versions}; allowed: 1 to {MAX_KEEP_VERSIONS} "
+                f"(a channel has keep_versions + {SPARE_SLOTS} slots, at most 64)"
+            )
 
 
 class MemoryBackend:
@@ -120,6 +134,24 @@ class MemoryBackend:
                 verify_checksums(source.layout, source.data, source.checksums, source.label)
             apply_plan(plan, source.data)
 
+    def open_views(self, step: int, specs: Mapping[str, TensorSpec]) -> "MemoryLease":
+        """Lease ``step`` and return views of the tensors ``specs`` names, in the snapshot's
+        dtype (names both ways and shapes checked first; with ``verify_data`` the checksums too)."""
+        pinned = self.transport.pin(step)
+        try:
+            source = pinned.source
+            layout = source.layout
+            stored = {name: TensorSpec(entry.shape, entry.dtype) for name in layout.names() if (entry := layout.entry(name))}
+            check_fit(specs, stored, source.label)
+            if self.verify_data:
+                verify_checksums(layout, source.data, source.checksums, source.label)
+            views = SnapshotViews(source.data)
+            tensors = {name: views(layout.entry(name)) for name in specs}  # type: ignore[arg-type]
+        except BaseException:
+            pinned.release()
+            raise
+        return MemoryLease(step, tensors, pinned)
+
     def steps(self) -> list[int]:
         return self.transport.versions()
 
@@ -138,6 +170,20 @@ class MemoryBackend:
     def _publishes(self) -> bool:
         """With ``shm`` one snapshot per host: rank 0 of the group writes, the others gather."""
         return self.transport.kind == "local" or rank(self.group) == 0
+
+
+class MemoryLease:
+    """One leased version: ``tensors`` view the snapshot until :meth:`release` (the publisher
+    writes its other slots meanwhile). Dropped without a release, it is released when
+    collected."""
+
+    def __init__(self, step: int, tensors: dict[str, torch.Tensor], pinned: PinnedVersion):
+        self.step = step
+        self.tensors = tensors
+        self._pinned = pinned
+
+    def release(self) -> None:
+        self._pinned.release()
 
 
 def _snapshot_device(model: dict[str, Any]) -> torch.device:

@@ -40,3 +40,14 @@ class PublisherGoneError(CheckpointError):
 class TornReadError(CorruptCheckpointError):
     """A version changed while a reader copied it. The slot locks make this impossible; the
     sequence counters that raise it are the check that they keep doing so."""
+
+
+class SlotsLeasedError(CheckpointError):
+    """Readers held every slot of the channel for longer than a publish may wait: each holds a
+    version its weights still view (a lease). A reader that died releases its lease (the
+    kernel drops an ``shm`` reader's locks); live readers release theirs on their next load
+    or on close()."""
+
+    def __init__(self, message: str, channel: str):
+        super().__init__(message)
+        self.channel = channel

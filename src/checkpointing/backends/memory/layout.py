@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from ...errors import CorruptCheckpointError
+from ...untrusted import describe, parse_json
 
 MANIFEST_FORMAT = "titan-ckpt-memory/1"
 ALIGN = 64
@@ -121,7 +123,7 @@ class Layout:
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def for_state(cls, model: Mapping[str, Any], cast_to: torch.dtype | None = None) -> "Layout":
+    def for_state(cls, model: Mapping[str, Any], cast_to: torch.dtype | None = None) -> Layout:
         """The layout a publisher writes for ``model`` (FQN -> tensor or DTensor).
 
         ``cast_to`` turns every floating tensor into that dtype (an fp32 trainer publishing a
@@ -200,10 +202,7 @@ def parse_manifest(raw: bytes, data_len: int, source: str) -> tuple[Layout, int,
     def bad(why: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"memory snapshot manifest in {source} is damaged: {why}", source)
 
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, absurd nesting
-        raise bad(f"not JSON ({e})") from None
+    doc = parse_json(raw, source, "memory snapshot manifest")  # bad UTF-8, bad JSON, absurd nesting
     if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
         raise bad(f"format is not {MANIFEST_FORMAT!r}")
     version, tensors, aliases, checksums = doc.get("version"), doc.get("tensors"), doc.get("aliases"), doc.get("checksums")
@@ -217,7 +216,7 @@ def parse_manifest(raw: bytes, data_len: int, source: str) -> tuple[Layout, int,
         raise bad("a tensor name appears twice")
     for key, target in aliases.items():
         if not isinstance(key, str) or not isinstance(target, str) or target not in names or key in names:
-            raise bad(f"alias {key!r} -> {target!r} does not name a stored tensor")
+            raise bad(f"alias {describe(key)} -> {describe(target)} does not name a stored tensor")
     if checksums is not None and (
         not isinstance(checksums, list) or len(checksums) != len(entries) or not all(_is_int(c) for c in checksums)
     ):
@@ -236,14 +235,14 @@ def _parse_entry(t: Any, data_len: int, bad) -> TensorEntry:
     if not isinstance(name, str) or not name:
         raise bad("a tensor entry has no name")
     if dtype not in DTYPES:
-        raise bad(f"{name}: dtype {dtype!r} not one of {', '.join(DTYPES)}")
-    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape) or len(shape) > 16:
-        raise bad(f"{name}: shape {shape!r} is not a list of sizes")
+        raise bad(f"{describe(name)}: dtype {describe(dtype)} not one of {', '.join(DTYPES)}")
+    if not isinstance(shape, list) or len(shape) > 16 or not all(_is_int(s) and 0 <= s <= 1 << 62 for s in shape):
+        raise bad(f"{describe(name)}: shape {describe(shape)} is not a list of at most 16 sizes")
     if not (_is_int(offset) and _is_int(nbytes)) or offset < 0 or nbytes < 0:
-        raise bad(f"{name}: offset/nbytes are not non-negative integers")
+        raise bad(f"{describe(name)}: offset/nbytes are not non-negative integers")
     torch_dtype = DTYPES[dtype]
     if nbytes != math.prod(shape) * torch_dtype.itemsize:
-        raise bad(f"{name}: nbytes {nbytes} does not match shape {shape} of {dtype}")
+        raise bad(f"{describe(name)}: nbytes {describe(nbytes)} does not match shape {describe(shape)} of {dtype}")
     if offset % ALIGN or offset + nbytes > data_len:
-        raise bad(f"{name}: bytes [{offset}, {offset + nbytes}) lie outside the {data_len}-byte snapshot or are unaligned")
+        raise bad(f"{describe(name)}: bytes [{offset}, {offset + nbytes}) lie outside the {data_len}-byte snapshot or are unaligned")
     return TensorEntry(name, torch_dtype, tuple(shape), offset, nbytes)

@@ -1,10 +1,14 @@
 """``transport = "local"``: publisher and readers in one process (a colocated generator).
 
-Channels live in a process-wide registry by name. Slots are plain CPU byte buffers guarded by
-reader/writer locks, so readers on other threads (an async generator) get the same no-torn-read
-promise as ``shm`` readers in other processes. A channel belongs to the backend that first
-published on it until that backend closes (or is garbage collected); a second publisher is
-refused.
+Channels live in a process-wide registry by name. Slots are byte buffers on the publisher's
+device guarded by reader/writer locks, so readers on other threads (an async generator) get the
+same no-torn-read promise as ``shm`` readers in other processes. A channel belongs to the
+backend that first published on it until that backend closes (or is garbage collected); a
+second publisher is refused.
+
+A lease (:meth:`LocalTransport.pin`) is a shared hold on one slot; it is released explicitly or,
+should its holder be dropped without releasing it, when the lease is garbage collected, so a
+vanished reader never keeps a slot from the publisher.
 """
 
 from __future__ import annotations
@@ -16,24 +20,27 @@ from typing import Iterator
 
 import torch
 
-from ...errors import CheckpointError, StepNotFoundError
-from .errors import ChannelBusyError, ChannelNotFoundError, TornReadError
+from ...errors import StepNotFoundError
+from .errors import ChannelBusyError, ChannelNotFoundError, SlotsLeasedError, TornReadError
 from .layout import Layout
 from .transport import (
+    SPARE_SLOTS,
     WRITE_TIMEOUT_S,
+    PinnedVersion,
     PublishTarget,
     ReadSource,
     SlotInfo,
     complete_steps,
     odd_after,
-    slot_for_write,
     slot_holding,
+    take_first_free,
+    write_order,
 )
 
 
 class _ReadWriteLock:
-    """Many readers or one writer. Readers never wait (they are told the slot is busy);
-    the writer waits, bounded, for readers to finish."""
+    """Many readers or one writer, and nobody waits: a reader is told the slot is being
+    written, a writer that the slot is held (it tries another)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -52,12 +59,12 @@ class _ReadWriteLock:
             self._readers -= 1
             self._cond.notify_all()
 
-    def exclusive(self, timeout: float) -> bool:
+    def try_exclusive(self) -> bool:
         with self._cond:
-            ok = self._cond.wait_for(lambda: not self._writing and self._readers == 0, timeout)
-            if ok:
-                self._writing = True
-            return ok
+            if self._writing or self._readers:
+                return False
+            self._writing = True
+            return True
 
     def release_exclusive(self) -> None:
         with self._cond:
@@ -85,6 +92,7 @@ class _Slot:
 
 class _Channel:
     def __init__(self, name: str, n_slots: int) -> None:
+        """``n_slots``: the versions kept plus the spare (see :mod:`.transport`)."""
         self.name = name
         self.slots = [_Slot(i) for i in range(n_slots)]
         self.published = 0
@@ -132,7 +140,7 @@ class LocalTransport:
                     "[checkpoint.memory] channel",
                     self.channel,
                 )
-            owned = _channels[self.channel] = _Channel(self.channel, self.keep_versions)
+            owned = _channels[self.channel] = _Channel(self.channel, self.keep_versions + SPARE_SLOTS)
         self._owned = owned
         self._finalizer = weakref.finalize(self, _release, self.channel, owned)
         return owned
@@ -142,11 +150,9 @@ class LocalTransport:
         self, step: int, layout: Layout, with_checksums: bool, device: torch.device | None = None
     ) -> Iterator[PublishTarget]:
         channel = self._claim()
-        slot = channel.slots[slot_for_write(channel.infos(), step)]
-        if not slot.lock.exclusive(self.write_timeout):
-            raise CheckpointError(
-                f"local channel {self.channel!r}: a reader held slot {slot.index} for more than {self.write_timeout}s"
-            )
+        order = write_order(channel.infos(), step, self.keep_versions)
+        index = take_first_free(order, lambda i: channel.slots[i].lock.try_exclusive(), self.write_timeout, self._all_held)
+        slot = channel.slots[index]
         try:
             slot.seq = odd_after(slot.seq)
             slot.step = -1
@@ -160,25 +166,29 @@ class LocalTransport:
                 channel.published += 1
                 slot.layout, slot.checksums, slot.order = layout, target.checksums, channel.published
                 slot.step = step
+                for other in channel.slots:  # a re-publish written beside a held copy of the same step
+                    if other is not slot and other.step == step:
+                        other.step = -1
             finally:
                 slot.seq += 1  # even: complete, or empty after a failed fill
         finally:
             slot.lock.release_exclusive()
 
+    def _all_held(self) -> SlotsLeasedError:
+        return SlotsLeasedError(
+            f"local channel {self.channel!r}: readers held all {self.keep_versions + SPARE_SLOTS} slots for more than "
+            f"{self.write_timeout}s (each reader that adopted a version holds it until its next load or close)",
+            self.channel,
+        )
+
     def retire(self, step: int) -> None:
+        """Hide ``step`` from listings; its bytes stay until the slot is written again, so a
+        reader that holds it is neither waited for nor disturbed."""
         if self._owned is None:
             return
         held = slot_holding(self._owned.infos(), step)
-        if held is None:
-            return
-        slot = self._owned.slots[held.index]
-        if slot.lock.exclusive(self.write_timeout):
-            try:
-                slot.seq = odd_after(slot.seq)
-                slot.step = -1
-                slot.seq += 1
-            finally:
-                slot.lock.release_exclusive()
+        if held is not None:
+            self._owned.slots[held.index].step = -1
 
     # ------------------------------------------------------------------ reader
     def _lookup(self) -> _Channel | None:
@@ -191,8 +201,8 @@ class LocalTransport:
         channel = self._lookup()
         return complete_steps(channel.infos()) if channel else []
 
-    @contextmanager
-    def reading(self, step: int) -> Iterator[ReadSource]:
+    def _hold(self, step: int) -> tuple[_Slot, int, ReadSource]:
+        """Lock the slot holding ``step`` shared (the caller releases it)."""
         channel = self._lookup()
         if channel is None:
             raise ChannelNotFoundError(
@@ -208,16 +218,29 @@ class LocalTransport:
         slot = channel.slots[held.index]
         if not slot.lock.try_shared():
             raise StepNotFoundError(f"version {step} of local channel {self.channel!r} is being replaced")
+        seq = slot.seq
+        if seq % 2 or slot.step != step or slot.layout is None or slot.data is None:
+            slot.lock.release_shared()
+            raise StepNotFoundError(f"version {step} of local channel {self.channel!r} was replaced")
+        label = f"local channel {self.channel!r} version {step}"
+        return slot, seq, ReadSource(slot.layout, slot.data, slot.checksums, label)
+
+    @contextmanager
+    def reading(self, step: int) -> Iterator[ReadSource]:
+        slot, seq, source = self._hold(step)
         try:
-            seq = slot.seq
-            if seq % 2 or slot.step != step or slot.layout is None or slot.data is None:
-                raise StepNotFoundError(f"version {step} of local channel {self.channel!r} was replaced")
-            label = f"local channel {self.channel!r} version {step}"
-            yield ReadSource(slot.layout, slot.data, slot.checksums, label)
+            yield source
             if slot.seq != seq:
-                raise TornReadError(f"{label} changed while it was read", label)
+                raise TornReadError(f"{source.label} changed while it was read", source.label)
         finally:
             slot.lock.release_shared()
+
+    def pin(self, step: int) -> PinnedVersion:
+        slot, _, source = self._hold(step)
+        pinned = PinnedVersion(source, release=lambda: None)
+        # Released once: explicitly, or when a holder that forgot to release is collected.
+        pinned.release = weakref.finalize(pinned, slot.lock.release_shared)
+        return pinned
 
     # ------------------------------------------------------------------ lifetime
     def reclaim_stale(self) -> list[str]:

@@ -16,12 +16,14 @@ import mmap
 import os
 import re
 import stat
+import threading
 import time
 import warnings
 
 import torch
 
 from ...errors import CheckpointError, UnsafeCheckpointError
+from ...untrusted import kind_of, open_regular
 
 SHM_DIR = "/dev/shm"
 PREFIX = "titanckpt"
@@ -129,17 +131,14 @@ def reserve(fd: int, path: str, start: int, end: int) -> None:
 
 
 def open_private(path: str, writable: bool) -> int | None:
-    """Open an existing segment, refusing anything this user did not create privately.
-    None when it does not exist (a publisher closed it meanwhile)."""
-    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+    """Open an existing segment, refusing anything this user did not create privately: a
+    symlink, a FIFO or device (which another local user can plant under our channel's name in
+    the world-writable /dev/shm; opened without blocking and refused), a file of another user
+    or one others can read. None when it does not exist (a publisher closed it meanwhile)."""
     try:
-        fd = os.open(path, flags)
+        fd = open_regular(path, "shared-memory segment", writable=writable)
     except FileNotFoundError:
         return None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise UnsafeCheckpointError(f"shared-memory segment {path} is a symlink; refusing to follow it", path) from None
-        raise
     try:
         check_private(fd, path)
     except BaseException:
@@ -151,7 +150,7 @@ def open_private(path: str, writable: bool) -> int | None:
 def check_private(fd: int, path: str) -> None:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
-        raise UnsafeCheckpointError(f"shared-memory segment {path} is not a regular file", path)
+        raise UnsafeCheckpointError(f"shared-memory segment {path} is {kind_of(st.st_mode)}, not a regular file", path)
     if st.st_uid != os.geteuid():
         raise UnsafeCheckpointError(
             f"shared-memory segment {path} belongs to uid {st.st_uid}, not to this user ({os.geteuid()}); "
@@ -210,17 +209,26 @@ def unlock(fd: int) -> None:
 
 # ---------------------------------------------------------------------------- mappings
 class Mapping:
-    """A segment mapped into this process, with a uint8 tensor over all of it."""
+    """The first ``size`` bytes of a segment mapped into this process, with a uint8 tensor over
+    them. ``populate`` faults every page in now rather than mid-copy; a reader asks for it only
+    for a byte range it has checked (a planted sparse segment is never faulted in whole).
 
-    def __init__(self, fd: int, size: int, writable: bool):
+    Unmapping under a live tensor view would make every later read of that view fault, and
+    ``mmap.close()`` does not know about torch's views. So a holder of views (a lease) calls
+    :meth:`hold`; :meth:`close` then only marks the mapping, and the last :meth:`let_go` unmaps."""
+
+    def __init__(self, fd: int, size: int, writable: bool, populate: bool = True):
         self.size = size
         self.writable = writable
         self._mm: mmap.mmap | None = None
+        self._holds = 0
+        self._closing = False
+        self._lock = threading.Lock()  # a lease may be let go by the garbage collector, on any thread
         if size == 0:
             self.base = torch.empty(0, dtype=torch.uint8)
             return
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # fault pages in now, not mid-copy
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
         self._mm = mmap.mmap(fd, size, flags=flags, prot=prot)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": readers only read
@@ -231,11 +239,27 @@ class Mapping:
         assert self._mm is not None
         return self._mm
 
+    def hold(self) -> None:
+        with self._lock:
+            self._holds += 1
+
+    def let_go(self) -> None:
+        with self._lock:
+            self._holds -= 1
+            if self._closing and not self._holds:
+                self._unmap()
+
     def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            if not self._holds:
+                self._unmap()
+
+    def _unmap(self) -> None:
         self.base = torch.empty(0, dtype=torch.uint8)
         mm, self._mm = self._mm, None
         if mm is not None:
             try:
                 mm.close()
             except BufferError:
-                pass  # a tensor view is still alive somewhere: the mapping goes when it does
+                pass  # a Python buffer export (not a tensor) is still alive: it goes when that does

@@ -4,18 +4,26 @@ Each slot is one private segment: a 128-byte header (magic, sequence counter, st
 order, manifest length + CRC32, data offset + length), the JSON manifest, then the snapshot
 bytes at a page-aligned offset. Slot locks are ``flock`` locks on the slot segments, so they
 work between processes, between threads, and vanish with a killed process. Readers map each
-slot once and keep the mapping, so a load is a plain ``copy_`` out of shared pages.
+slot once and keep the mapping, so a load is a plain ``copy_`` out of shared pages, or no copy
+at all: a lease (:meth:`ShmTransport.pin`) locks the slot through a descriptor of its own (flock
+locks belong to an open file, so no other read can drop it) and keeps the mapping its views
+point into alive (:meth:`.segments.Mapping.hold`) until it is released, whatever is remapped
+meanwhile. A reader killed while it holds a lease loses the lock with its process, and the
+publisher writes that slot again.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
+from ...commit import MAX_STEP
 from ...errors import CheckpointError, CorruptCheckpointError, StepNotFoundError
-from .errors import ChannelNotFoundError, PublisherGoneError, TornReadError
+from ...untrusted import describe
+from .errors import ChannelNotFoundError, PublisherGoneError, SlotsLeasedError, TornReadError
 from .layout import MAX_MANIFEST_BYTES, Layout, align, manifest_crc, parse_manifest
 from .lifetime import ChannelInfo, Ownership, claim, owner_alive, read_control, reclaim
 from .segments import (
@@ -23,7 +31,6 @@ from .segments import (
     Mapping,
     control_path,
     live_channel_names,
-    lock_within,
     open_private,
     reserve,
     shm_dir,
@@ -32,20 +39,25 @@ from .segments import (
     unlock,
 )
 from .transport import (
+    SPARE_SLOTS,
     WRITE_TIMEOUT_S,
+    PinnedVersion,
     PublishTarget,
     ReadSource,
     SlotInfo,
     complete_steps,
     odd_after,
-    slot_for_write,
     slot_holding,
+    take_first_free,
+    write_order,
 )
 
 SLOT_MAGIC = b"TCKSLOT1"
 _SLOT = struct.Struct("<8sQqQIIQQ")  # magic, seq, step, order, manifest len, manifest crc, data offset, data len
 _SEQ = struct.Struct("<Q")
 SEQ_AT = 8
+_STEP = struct.Struct("<q")
+STEP_AT = 16
 MANIFEST_AT = 128
 NOT_A_SLOT = -1
 
@@ -62,7 +74,10 @@ class _Segment:
         self.fd = fd
         self.writable = writable
         self.owns_fd = owns_fd
-        self.map = Mapping(fd, os.fstat(fd).st_size, writable)
+        size = os.fstat(fd).st_size
+        # A reader maps the header only until it has checked what the header says: a planted
+        # (or damaged) slot of any size is never faulted in whole.
+        self.map = Mapping(fd, size if writable else min(size, MANIFEST_AT), writable, populate=writable)
         self._manifest: tuple[tuple, tuple[Layout, int, list[int] | None]] | None = None
 
     def remap(self, size: int) -> None:
@@ -90,12 +105,17 @@ class _Segment:
     def set_seq(self, seq: int) -> None:
         _SEQ.pack_into(self.map.buffer, SEQ_AT, seq)
 
+    def hide(self) -> None:
+        """Clear the step mark only (publisher side, no lock): listings stop showing the
+        version, its bytes and counter stay for a reader that holds it."""
+        _STEP.pack_into(self.map.buffer, STEP_AT, -1)
+
     def manifest(self, key: tuple, label: str) -> tuple[Layout, int, list[int] | None]:
         """Parsed manifest, cached while the slot keeps the same manifest bytes."""
         if self._manifest is not None and self._manifest[0] == key:
             return self._manifest[1]
         length, crc, data_len = key[0], key[1], key[3]
-        raw = bytes(self.map.buffer[MANIFEST_AT : MANIFEST_AT + length])
+        raw = os.pread(self.fd, length, MANIFEST_AT)
         if manifest_crc(raw) != crc:
             raise CorruptCheckpointError(f"{label}: manifest fails its CRC32", self.path)
         parsed = parse_manifest(raw, data_len, self.path)
@@ -142,6 +162,11 @@ def _infos(segments: list[_Segment | None]) -> list[SlotInfo]:
     return [seg.info(i) if seg is not None else SlotInfo(i, 1, NOT_A_SLOT, 0) for i, seg in enumerate(segments)]
 
 
+def _unpin(fd: int, mapping: Mapping) -> None:
+    os.close(fd)  # drops the shared lock
+    mapping.let_go()
+
+
 class ShmTransport:
     kind = "shm"
 
@@ -157,7 +182,7 @@ class ShmTransport:
     # ------------------------------------------------------------------ publisher
     def _claim(self) -> list[_Segment]:
         if self._own is None:
-            own = claim(self.channel, self.keep_versions, PAGE, empty_slot_header())
+            own = claim(self.channel, self.keep_versions + SPARE_SLOTS, PAGE, empty_slot_header())
             self._own = own
             self._own_segments = [
                 _Segment(own.slot_path(i), fd, writable=True, owns_fd=False) for i, fd in enumerate(own.slot_fds)
@@ -167,11 +192,15 @@ class ShmTransport:
 
     @contextmanager
     def writing(self, step: int, layout: Layout, with_checksums: bool, device=None) -> Iterator[PublishTarget]:
+        if not (isinstance(step, int) and 0 <= step <= MAX_STEP):
+            raise CheckpointError(
+                f"shm channel {self.channel!r} cannot publish step {describe(step)}; allowed: an integer from 0 to {MAX_STEP} "
+                "(slot headers store it as a signed 64-bit integer, -1 meaning empty)"
+            )
         segments = self._claim()
         infos = _infos(list(segments))
-        seg = segments[slot_for_write(infos, step)]
-        if not lock_within(seg.fd, exclusive=True, timeout=self.write_timeout):
-            raise CheckpointError(f"shm channel {self.channel!r}: a reader held {seg.path} for more than {self.write_timeout}s")
+        order = write_order(infos, step, self.keep_versions)
+        seg = segments[take_first_free(order, lambda i: try_lock(segments[i].fd, exclusive=True), self.write_timeout, self._all_held)]
         try:
             seq = odd_after(seg.seq())
             _SLOT.pack_into(seg.map.buffer, 0, SLOT_MAGIC, seq, -1, 0, 0, 0, 0, 0)  # in flux, no version
@@ -187,10 +216,13 @@ class ShmTransport:
                 yield target
                 manifest = layout.to_manifest(step, target.checksums)
                 seg.map.buffer[MANIFEST_AT : MANIFEST_AT + len(manifest)] = manifest
-                order = max(i.order for i in infos) + 1
+                published = min(max(i.order for i in infos) + 1, (1 << 64) - 1)
                 _SLOT.pack_into(
-                    seg.map.buffer, 0, SLOT_MAGIC, seq, step, order, len(manifest), manifest_crc(manifest), data_at, layout.nbytes
+                    seg.map.buffer, 0, SLOT_MAGIC, seq, step, published, len(manifest), manifest_crc(manifest), data_at, layout.nbytes
                 )
+                for other, info in zip(segments, infos, strict=True):  # a re-publish written beside a held copy of the same step
+                    if other is not seg and info.complete and info.step == step:
+                        other.hide()
             finally:
                 if target is not None:
                     target.data = None  # type: ignore[assignment]  # no view may outlive a remap
@@ -198,20 +230,21 @@ class ShmTransport:
         finally:
             unlock(seg.fd)
 
+    def _all_held(self) -> SlotsLeasedError:
+        return SlotsLeasedError(
+            f"shm channel {self.channel!r}: readers held all {self.keep_versions + SPARE_SLOTS} slots for more than "
+            f"{self.write_timeout}s (each reader that adopted a version holds it until its next load or close; "
+            "a killed reader's hold ends with its process)",
+            self.channel,
+        )
+
     def retire(self, step: int) -> None:
+        """Hide ``step`` from listings without waiting for, or disturbing, a reader that holds it."""
         if self._own is None:
             return
         held = slot_holding(_infos(list(self._own_segments)), step)
-        if held is None:
-            return
-        seg = self._own_segments[held.index]
-        if lock_within(seg.fd, exclusive=True, timeout=self.write_timeout):
-            try:
-                seq = odd_after(seg.seq())
-                _SLOT.pack_into(seg.map.buffer, 0, SLOT_MAGIC, seq, -1, 0, 0, 0, 0, 0)
-                seg.set_seq(seq + 1)
-            finally:
-                unlock(seg.fd)
+        if held is not None:
+            self._own_segments[held.index].hide()
 
     # ------------------------------------------------------------------ reader
     def _detach(self) -> None:
@@ -270,8 +303,7 @@ class ShmTransport:
         att = self._attach()
         return complete_steps(_infos(att.segments())) if att is not None else []
 
-    @contextmanager
-    def reading(self, step: int) -> Iterator[ReadSource]:
+    def _held_segment(self, step: int) -> _Segment:
         segments = self._segments_for_reading()
         infos = _infos(segments)
         held = slot_holding(infos, step)
@@ -279,34 +311,70 @@ class ShmTransport:
             raise StepNotFoundError(f"version {step} is not held by shm channel {self.channel!r}; held: {complete_steps(infos)}")
         seg = segments[held.index]
         assert seg is not None
+        return seg
+
+    def _open_locked(self, seg: _Segment, step: int) -> tuple[int, ReadSource]:
+        """(sequence counter, source) of ``step`` in ``seg``, which the caller has locked shared."""
+        magic, seq, got_step, _, m_len, m_crc, data_at, data_len = seg.header()
+        if magic != SLOT_MAGIC or seq % 2 or got_step != step:
+            raise StepNotFoundError(f"version {step} of shm channel {self.channel!r} was replaced")
+        label = f"shm channel {self.channel!r} version {step} ({seg.path})"
+        st = os.fstat(seg.fd)
+        end = data_at + data_len
+        if m_len > MAX_MANIFEST_BYTES or MANIFEST_AT + m_len > data_at or data_at % PAGE or end > st.st_size:
+            raise CorruptCheckpointError(
+                f"{label}: header places the manifest ({m_len} B) or the data ({data_len} B at {data_at}) "
+                f"outside the {st.st_size}-byte segment",
+                seg.path,
+            )
+        if st.st_blocks * 512 < end:  # publishers reserve every byte up front (segments.reserve)
+            raise CorruptCheckpointError(
+                f"{label}: the segment has {st.st_blocks * 512} bytes of memory behind its first {end} "
+                "(a sparse file no publisher wrote); refusing to fault it in",
+                seg.path,
+            )
+        layout, version, checks = seg.manifest((m_len, m_crc, data_at, data_len), label)
+        if version != step or layout.nbytes != data_len:
+            raise CorruptCheckpointError(
+                f"{label}: manifest describes version {version} of {layout.nbytes} bytes, the header {data_len}",
+                seg.path,
+            )
+        seg.remap(end)
+        return seq, ReadSource(layout, seg.map.base[data_at : data_at + data_len], checks, label)
+
+    @contextmanager
+    def reading(self, step: int) -> Iterator[ReadSource]:
+        seg = self._held_segment(step)
         if not try_lock(seg.fd, exclusive=False):
             raise StepNotFoundError(f"version {step} of shm channel {self.channel!r} is being replaced")
         try:
-            magic, seq, got_step, _, m_len, m_crc, data_at, data_len = seg.header()
-            if magic != SLOT_MAGIC or seq % 2 or got_step != step:
-                raise StepNotFoundError(f"version {step} of shm channel {self.channel!r} was replaced")
-            label = f"shm channel {self.channel!r} version {step} ({seg.path})"
-            size = os.fstat(seg.fd).st_size
-            if (
-                m_len > MAX_MANIFEST_BYTES
-                or MANIFEST_AT + m_len > data_at
-                or data_at % PAGE
-                or data_at + data_len > size
-            ):
-                raise CorruptCheckpointError(
-                    f"{label}: header places the manifest ({m_len} B) or the data ({data_len} B at {data_at}) "
-                    f"outside the {size}-byte segment",
-                    seg.path,
-                )
-            seg.remap(size)
-            layout, version, checks = seg.manifest((m_len, m_crc, data_at, data_len), label)
-            if version != step or layout.nbytes > data_len:
-                raise CorruptCheckpointError(f"{label}: manifest describes version {version}", seg.path)
-            yield ReadSource(layout, seg.map.base[data_at : data_at + data_len], checks, label)
+            seq, source = self._open_locked(seg, step)
+            yield source
             if seg.seq() != seq:
-                raise TornReadError(f"{label} changed while it was read", seg.path)
+                raise TornReadError(f"{source.label} changed while it was read", seg.path)
         finally:
             unlock(seg.fd)
+
+    def pin(self, step: int) -> PinnedVersion:
+        seg = self._held_segment(step)
+        fd = open_private(seg.path, writable=False)  # a lock of its own: flock belongs to the open file
+        if fd is None:
+            raise StepNotFoundError(f"version {step} of shm channel {self.channel!r} is gone (its publisher closed)")
+        mapping = None
+        try:
+            if os.fstat(fd)[1:3] != os.fstat(seg.fd)[1:3] or not try_lock(fd, exclusive=False):
+                raise StepNotFoundError(f"version {step} of shm channel {self.channel!r} is being replaced")
+            _, source = self._open_locked(seg, step)
+            mapping = seg.map
+            mapping.hold()
+        except BaseException:
+            os.close(fd)
+            raise
+        pinned = PinnedVersion(source, release=lambda: None)
+        # Released once: explicitly, or when a holder that forgot to release is collected
+        # (and, whatever happens to this process, by the kernel when it exits).
+        pinned.release = weakref.finalize(pinned, _unpin, fd, mapping)
+        return pinned
 
     # ------------------------------------------------------------------ lifetime
     def reclaim_stale(self) -> list[str]:
