@@ -80,6 +80,17 @@ SPEC: dict[str, KeySpec] = {
     "memory.verify_data": BOOL,
 }
 
+PLUGIN_KEYS: dict[str, dict[str, KeySpec]] = {
+    # plugins/torch_checkpointing, installed separately: its table exists only when it is installed
+    "torch_checkpointing": {
+        "torch_checkpointing": TABLE,
+        "torch_checkpointing.write_threads": INT(lambda v: 1 <= v <= 16),
+    },
+}
+for _backend, _keys in PLUGIN_KEYS.items():
+    if _backend in _registered_backends():
+        SPEC.update(_keys)
+
 
 def config_keys(cls: type, prefix: str = "") -> list[str]:
     """Every key of a config dataclass, nested tables as ``table`` and ``table.key``."""

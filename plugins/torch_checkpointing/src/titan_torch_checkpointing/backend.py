@@ -138,10 +138,9 @@ class TorchCheckpointingBackend(StoredSteps):
             into[MODEL], groups[MODEL] = _library_targets(targets, set())
         if state.extras:
             extras_plan = plan_extras(path, layout, state.extras)
-            into[EXTRAS], groups[EXTRAS] = _library_targets(extras_plan.targets, extras_plan.fresh)
-        if not into:
-            return
-        loaded = self._load(path, into)
+            if extras_plan.targets or extras_plan.fresh:
+                into[EXTRAS], groups[EXTRAS] = _library_targets(extras_plan.targets, extras_plan.fresh)
+        loaded = self._load(path, into) if into else {}
         for item, by_name in groups.items():
             for name, targets in by_name.items():
                 for target in targets:
