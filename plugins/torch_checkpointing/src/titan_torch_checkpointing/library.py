@@ -51,7 +51,7 @@ class Library:
     """A torch-checkpointing ``CheckpointManager`` writing into / reading from one directory."""
 
     def __init__(self, write_threads: int = 1):
-        config = CheckpointManager.Config(
+        self.config = config = CheckpointManager.Config(
             items={key: ItemSpec(requires_copy=False, layout=layout, required=False) for key, layout in ITEMS.items()},
             default=None,  # strict: an item we did not declare is an error, never a pickled default
             save=SyncCheckpointSaverConfig(
