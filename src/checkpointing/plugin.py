@@ -6,8 +6,8 @@ without copying a line:
 
 * the seam: :class:`BackendSpec` (what its entry point names), :class:`BackendContext`,
   :class:`Capabilities`, :class:`StepState`, and the optional :class:`Inspects` protocol that
-  makes ``ckpt inspect | verify`` understand its files; :func:`rank` and :func:`is_dtensor`, the
-  two questions about torch.distributed a backend asks;
+  makes ``ckpt inspect | verify`` understand its files; :func:`rank`, :func:`world_size` and
+  :func:`is_dtensor`, the questions about torch.distributed a backend asks;
 * the commit protocol: a ``step-N`` appears only complete, fsynced and checksummed
   (:class:`StepDirectory`, :class:`StoredSteps`, :class:`Manifest`, :func:`seal`), and a
   directory outside the step folder is committed the same way (:func:`staged_directory`,
@@ -37,6 +37,7 @@ _HOMES = {
     "StepState": "checkpointing.backend",
     "Inspects": "checkpointing.backend",
     "rank": "checkpointing.distributed",
+    "world_size": "checkpointing.distributed",
     "is_dtensor": "checkpointing.distributed",
     # the commit protocol
     "StepDirectory": "checkpointing.commit",
@@ -85,7 +86,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .backend import BackendContext, BackendSpec, Capabilities, Inspects, StepState
     from .backends.hf.safetensors_io import parse_json_strict
     from .backends.hf.safetensors_io import read_header as read_safetensors_header
-    from .distributed import is_dtensor, rank
+    from .distributed import is_dtensor, rank, world_size
     from .commit import (
         MANIFEST,
         Manifest,

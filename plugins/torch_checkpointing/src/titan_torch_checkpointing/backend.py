@@ -17,7 +17,6 @@ the tensors into the receiver's own tensors.
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Callable, Mapping
 
@@ -26,6 +25,7 @@ import torch
 from checkpointing.plugin import (
     BackendContext,
     CheckpointError,
+    ConfigError,
     CorruptCheckpointError,
     StateMismatchError,
     StepDirectory,
@@ -36,18 +36,16 @@ from checkpointing.plugin import (
     check_no_escaping_links,
     commit_directory,
     parse_json_strict,
-    rank,
     read_safetensors_header,
     safe_join,
     staged_directory,
     step_of,
+    world_size,
 )
 
 from . import structure
 from .library import EXTRAS, EXTRAS_FILE, LAYOUT, LAYOUT_FILE, MODEL, MODEL_FILE, VERSION, Library
 from .spec import CAPABILITIES, NAME, TorchCheckpointingOptions
-
-log = logging.getLogger(__name__)
 
 LAYOUT_FORMAT = "titan-checkpointing/torch_checkpointing/1"
 
@@ -56,6 +54,13 @@ class TorchCheckpointingBackend(StoredSteps):
     capabilities = CAPABILITIES
 
     def __init__(self, ctx: BackendContext):
+        if world_size(ctx.process_group) > 1:
+            raise ConfigError(
+                f"checkpoint.backend = {NAME!r} runs in one process only, but this job has "
+                f"{world_size(ctx.process_group)} ranks: torch-checkpointing 0.1.1 keeps sharded or per-rank state "
+                "only through pickled metadata, and one rank's files would silently drop the others' state "
+                "(e.g. their dataloader positions); use the dcp backend for multi-rank jobs"
+            )
         self.ctx = ctx
         self.options: TorchCheckpointingOptions = ctx.options or TorchCheckpointingOptions()
         self.verify_mode = ctx.verify
@@ -70,8 +75,7 @@ class TorchCheckpointingBackend(StoredSteps):
     def write(self, step: int, state: StepState) -> None:
         payload = self._payload(state)
         with self.store.stage(step) as staging:
-            if rank(self.ctx.process_group) == 0:  # fixed file names: one writer, replicated state
-                self._save(staging, payload)
+            self._save(staging, payload)
 
     def write_path(self, path: str, state: StepState, progress: Callable[[int], None] | None = None) -> None:
         """A new directory in this layout outside the step folder (``ckpt convert --to``)."""

@@ -44,5 +44,5 @@ SPEC = BackendSpec(
     factory=build,
     capabilities=CAPABILITIES,
     options=TorchCheckpointingOptions,
-    summary="steps written and read by torch-checkpointing 0.1.1 (safetensors + JSON, no pickle); one process or replicated state",
+    summary="steps written and read by torch-checkpointing 0.1.1 (safetensors + JSON, no pickle); one process",
 )
