@@ -65,7 +65,36 @@ _HOMES = {
     "StepNotFoundError": "checkpointing.errors",
 }
 
-__all__ = list(_HOMES)
+__all__ = [
+    "BackendSpec",
+    "BackendContext",
+    "Capabilities",
+    "StepState",
+    "Inspects",
+    "rank",
+    "world_size",
+    "is_dtensor",
+    "StepDirectory",
+    "StoredSteps",
+    "Manifest",
+    "MANIFEST",
+    "seal",
+    "staged_directory",
+    "commit_directory",
+    "step_of",
+    "safe_join",
+    "check_no_escaping_links",
+    "parse_json_strict",
+    "read_safetensors_header",
+    "TensorSpec",
+    "check_fit",
+    "CheckpointError",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "UnsafeCheckpointError",
+    "StateMismatchError",
+    "StepNotFoundError",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -86,7 +115,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .backend import BackendContext, BackendSpec, Capabilities, Inspects, StepState
     from .backends.hf.safetensors_io import parse_json_strict
     from .backends.hf.safetensors_io import read_header as read_safetensors_header
-    from .distributed import is_dtensor, rank, world_size
     from .commit import (
         MANIFEST,
         Manifest,
@@ -97,6 +125,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         staged_directory,
         step_of,
     )
+    from .distributed import is_dtensor, rank, world_size
     from .errors import (
         CheckpointError,
         ConfigError,

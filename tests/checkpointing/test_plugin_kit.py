@@ -25,6 +25,7 @@ PUBLIC_MODULES = {"checkpointing", "checkpointing.plugin"}
 
 def test_every_kit_name_is_the_object_of_its_home_module():
     assert len(kit.__all__) == len(set(kit.__all__)) <= 30, kit.__all__
+    assert set(kit.__all__) == set(kit._HOMES)
     for name in kit.__all__:
         home = kit._HOMES[name]
         module, attr = home if isinstance(home, tuple) else (home, name)

@@ -19,7 +19,7 @@ import textwrap
 import pytest
 import torch
 
-from checkpointing import Checkpointer, CheckpointConfig, ConfigError, StateMismatchError, load_job_config
+from checkpointing import CheckpointConfig, Checkpointer, ConfigError, StateMismatchError, load_job_config
 from checkpointing.cli import main as ckpt
 from tests.helpers import assert_state_equal, build_titan_model, build_training_parts, train_steps
 
@@ -219,6 +219,35 @@ def test_dtensor_state_is_refused_on_save_and_load(tmp_path):
     finally:
         if owned:
             dist.destroy_process_group()
+
+
+def _build_on_two_ranks(rank: int, folder: str) -> None:
+    """A rank of a 2-process gloo job builds a Checkpointer on the plugin (spawned: module level)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/pg", rank=rank, world_size=2)
+    try:
+        Checkpointer(model_parts=[torch.nn.Linear(2, 2)], checkpoint_config=config(), base_folder=folder)
+        outcome = "built"
+    except ConfigError as e:
+        outcome = str(e)
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(folder, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+
+
+@pytest.mark.slow
+def test_a_multi_rank_job_is_refused_on_every_rank(tmp_path):
+    """One rank's files would silently drop the other ranks' state (their dataloader positions,
+    their shards): refused with a typed error before anything is written."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_build_on_two_ranks, args=(str(tmp_path),), nprocs=2, join=True)
+    for rank in (0, 1):
+        outcome = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "runs in one process only, but this job has 2 ranks" in outcome and "use the dcp backend" in outcome, outcome
+    assert not (tmp_path / "checkpoint").exists()
 
 
 # ------------------------------------------------------------------ ckpt on its steps

@@ -18,7 +18,8 @@ the tensors into the receiver's own tensors.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 

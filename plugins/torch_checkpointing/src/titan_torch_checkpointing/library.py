@@ -22,7 +22,8 @@ How it is configured, and why (each point checked against the 0.1.1 source and o
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch_checkpointing
 from torch_checkpointing import CheckpointManager, ItemSpec

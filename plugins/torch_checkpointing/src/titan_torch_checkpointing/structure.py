@@ -28,8 +28,9 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -280,7 +281,7 @@ def plan_extras(
             if not isinstance(value, (list, tuple)) or len(value) != len(target):
                 complain(path, f"stored {type(value).__name__} does not match the receiver's {len(target)} entries")
                 return target
-            return type(value)(merge(v, t, f"{path}/{i}") for i, (v, t) in enumerate(zip(value, target)))
+            return type(value)(merge(v, t, f"{path}/{i}") for i, (v, t) in enumerate(zip(value, target, strict=True)))
         return adopt(value)
 
     for key, target in receiver.items():
