@@ -62,7 +62,6 @@ class TorchCheckpointingBackend(StoredSteps):
                 "only through pickled metadata, and one rank's files would silently drop the others' state "
                 "(e.g. their dataloader positions); use the dcp backend for multi-rank jobs"
             )
-        self.ctx = ctx
         self.options: TorchCheckpointingOptions = ctx.options or TorchCheckpointingOptions()
         self.verify_mode = ctx.verify
         self.name = ctx.name or NAME
