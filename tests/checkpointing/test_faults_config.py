@@ -11,10 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from checkpointing import CheckpointConfig, ConfigError, load_job_config
-from checkpointing.backends.dcp import DCPOptions
-from checkpointing.backends.dist import DistOptions
-from checkpointing.backends.hf import HFOptions
-from checkpointing.backends.memory import MemoryOptions
+from checkpointing.backend import loadable_specs
 from tests.checkpointing.faults.config_space import (
     SPEC,
     checkpoint_toml,
@@ -27,7 +24,7 @@ from tests.checkpointing.faults.config_space import (
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # tyro warns about each wrong-typed TOML value
 
 KEYS = sorted(SPEC)
-TABLES = {"dcp": DCPOptions, "hf": HFOptions, "memory": MemoryOptions, "dist": DistOptions}
+TABLES = {spec.name: spec.options for spec in loadable_specs() if spec.options is not None}  # plugins' too
 HYPOTHESIS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 

@@ -101,6 +101,17 @@ def init_method_ok(s: str) -> bool:
     match = INIT_METHOD_ALLOWED.fullmatch(s)
     return match is not None and (match.group("port") is None or 0 < int(match.group("port")) < 65536)
 
+PLUGIN_KEYS: dict[str, dict[str, KeySpec]] = {
+    # plugins/torch_checkpointing, installed separately: its table exists only when it is installed
+    "torch_checkpointing": {
+        "torch_checkpointing": TABLE,
+        "torch_checkpointing.write_threads": INT(lambda v: 1 <= v <= 16),
+    },
+}
+for _backend, _keys in PLUGIN_KEYS.items():
+    if _backend in _registered_backends():
+        SPEC.update(_keys)
+
 
 def config_keys(cls: type, prefix: str = "") -> list[str]:
     """Every key of a config dataclass, nested tables as ``table`` and ``table.key``."""

@@ -244,10 +244,30 @@ def _dist_before_commit(trap: Trap) -> None:
     snapshot.fill = trap.after_calls(1)(snapshot.fill)
 
 
+def _torch_checkpointing_mid_data(trap: Trap) -> None:
+    """The torch_checkpointing plugin (plugins/torch_checkpointing) hands each file to
+    torch-checkpointing's ``WriteStream.write`` in one call: die once half of the first file's
+    bytes are written and flushed."""
+    from torch_checkpointing.storage.filesystem import WriteStream
+
+    real_write = WriteStream.write
+
+    def write(stream, data):
+        if trap.armed and trap.inside(stream._path):
+            view = memoryview(data).cast("B")
+            real_write(stream, view[: len(view) // 2])
+            stream.flush()
+            die()
+        return real_write(stream, data)
+
+    WriteStream.write = write
+
+
 RECIPES: dict[tuple[str, str], Callable[[Trap], None]] = {
     ("dist", "mid_data"): _dist_mid_data,
     ("dist", "before_commit"): _dist_before_commit,
     ("dcp", "mid_data"): _dcp_mid_data,
+    ("torch_checkpointing", "mid_data"): _torch_checkpointing_mid_data,
     ("hf", "mid_data"): _hf_mid_data,
     ("memory", "mid_data"): _memory_mid_data,
     ("memory", "before_commit"): _memory_before_commit,
