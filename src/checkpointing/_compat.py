@@ -107,6 +107,38 @@ def consolidate_hf_safetensors(scratch: str, root: str, mapping: dict[str, int],
     consolidate_safetensors_files_on_every_rank(scratch, root, mapping, process_group=process_group)
 
 
+def foreach_copy(targets: list[Any], sources: list[Any]) -> None:
+    """``targets[i].copy_(sources[i])`` for all i in one call (``torch._foreach_copy_``, what
+    torch.optim's foreach paths use): a model of a few thousand small tensors otherwise spends
+    more time in Python dispatch than in copying. Casts like ``copy_``."""
+    import torch
+
+    if targets:
+        torch._foreach_copy_(targets, sources)
+
+
+def standalone_process_group(backend: str, store: Any, rank: int, size: int, timeout: Any, device: Any) -> Any:
+    """A process group over ``store`` that is *not* this process's torch.distributed world.
+
+    A trainer already has its world (FSDP's); the dist backend's groups span the trainer's
+    ranks and a reader that is in no world of theirs. ``dist.new_group`` can only carve groups
+    out of the default world, so the backend object is built directly (``ProcessGroupGloo`` /
+    ``ProcessGroupNCCL``, constructed the way ``torch.distributed._dist2`` does, NCCL's timeout
+    through its private ``Options._timeout``) and driven through its own ``send``/``recv``; it
+    is never registered globally."""
+    import torch.distributed as dist
+
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, size, timeout)
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        pg = dist.ProcessGroupNCCL(store, rank, size, opts)
+        pg.eager_connect_single_device(device)
+        return pg
+    raise ValueError(f"unknown process group backend {backend!r}")
+
+
 def save_without_record_crc(obj: Any, stream: Any) -> None:
     """``torch.save(obj, stream)`` byte for byte, except that the zip records carry no CRC32
     (``torch.serialization._save`` through a ``torch._C.PyTorchFileWriter`` made for this call

@@ -24,6 +24,7 @@ import torch
 
 from checkpointing import ConfigError
 
+from . import data_parallel
 from .checkpoints import hf_assets_path, open_checkpointer
 from .engines import SamplingParams
 from .generator import Generator
@@ -92,6 +93,7 @@ def run(cfg: Any, source: ConfigSource | None = None, *, on_step=None) -> RunSum
     begin = time.monotonic()
     configure_threads(cfg)
     device = resolve_device(cfg.rl.device)
+    data_parallel.init(device)  # trainer ranks under torchrun (rl.data_parallel); one process otherwise
     rl = cfg.rl
     tokenizer = load_tokenizer()
     task = get_task(rl.task, rl.task_length, rl.alphabet_size)
@@ -113,14 +115,14 @@ def run(cfg: Any, source: ConfigSource | None = None, *, on_step=None) -> RunSum
             generator = RemoteGenerator(source)
         else:
             generator = Generator(cfg, device, tokenizer)
-        metrics = MetricsLog(os.path.join(dump, "metrics.jsonl"), start)
+        metrics = MetricsLog(os.path.join(dump, data_parallel.rank_file("metrics.jsonl")), start)
         params = SamplingParams(rl.max_new_tokens, rl.temperature, rl.top_p)
         loop(cfg, trainer, generator, metrics, task, tokenizer, params, start, on_step)
         export_path = None
         if exporter is not None:
             exporter.save(cfg.training.steps, last_step=True)
             export_path = os.path.join(dump, cfg.export.folder)
-        plot_path = os.path.join(dump, "metrics.png") if rl.plot and metrics.records else None
+        plot_path = os.path.join(dump, data_parallel.rank_file("metrics.png")) if rl.plot and metrics.records else None
         if plot_path:
             plot(metrics.records, plot_path, f"GRPO {rl.task} ({cfg.model.name}/{cfg.model.flavor}), weight_sync={cfg.weight_sync.backend}")
         margin = reward_margin(metrics.records)
@@ -135,7 +137,7 @@ def run(cfg: Any, source: ConfigSource | None = None, *, on_step=None) -> RunSum
             plot_path=plot_path,
             export_path=export_path,
         )
-        with open(os.path.join(dump, "summary.json"), "w") as f:
+        with open(os.path.join(dump, data_parallel.rank_file("summary.json")), "w") as f:
             json.dump(summary.__dict__, f, indent=2)
         return summary
     finally:
@@ -143,6 +145,7 @@ def run(cfg: Any, source: ConfigSource | None = None, *, on_step=None) -> RunSum
             if closeable is not None:
                 closeable.close()
         trainer.close()
+        data_parallel.close()
 
 
 def build_exporter(cfg: Any, trainer: PolicyTrainer):
@@ -161,7 +164,7 @@ def loop(cfg, trainer, generator, metrics, task, tokenizer, params, start, on_st
     rl = cfg.rl
     steps = cfg.training.steps
     bar = None
-    if rl.progress:
+    if rl.progress and data_parallel.rank() == 0:
         from tqdm import tqdm
 
         bar = tqdm(total=steps, initial=start, desc="rl-train", unit="step", dynamic_ncols=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from . import data_parallel
 from .checkpoints import hf_assets_path, open_checkpointer
 from .engines import Rollout
 from .grpo import grpo_loss
@@ -52,10 +53,11 @@ class PolicyTrainer:
         self.cfg = cfg
         self.device = device
         name, flavor = cfg.model.name, cfg.model.flavor
-        self.model = build_model(name, flavor, device=device, dtype=torch.float32, seed=cfg.rl.seed).train()
-        self.banned = banned_token_mask(self.model.model_args.vocab_size, tokenizer)
+        model = build_model(name, flavor, device=device, dtype=torch.float32, seed=cfg.rl.seed).train()
+        self.banned = banned_token_mask(model.model_args.vocab_size, tokenizer)
         # The reference policy is the seeded initial model, so a resumed run rebuilds it exactly.
-        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.rl.kl_coef > 0 else None
+        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.rl.kl_coef > 0 else None
+        self.model = data_parallel.shard(model, device)  # FSDP2 under torchrun; as is on one rank
         spec = train_spec(name)
         self.optimizers = spec.build_optimizers_fn([self.model], cfg.optimizer, single_process_dims())
         self.lr_schedulers = spec.build_lr_schedulers_fn(self.optimizers, cfg.lr_scheduler, cfg.training.steps)
@@ -117,7 +119,7 @@ class PolicyTrainer:
         self.lr_schedulers.step()
         self.optimizers.zero_grad()
         self.train_state.step += 1
-        stats.update(loss=loss.item(), grad_norm=float(grad_norm), lr=self.lr_schedulers.schedulers[0].get_last_lr()[0])
+        stats.update(loss=loss.item(), grad_norm=data_parallel.as_float(grad_norm), lr=self.lr_schedulers.schedulers[0].get_last_lr()[0])
         return stats
 
     def close(self) -> None:

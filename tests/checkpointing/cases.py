@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import zlib
 
 import pytest
 
@@ -42,8 +43,20 @@ def make_config(case: str, channel: str, **overrides) -> CheckpointConfig:
     mem_opts = dict(dict(EXPANSIONS.get(name, [])).get(case, {}))
     memory = MemoryOptions(channel=channel, **mem_opts)
     base = dict(enable=True, backend=name, folder="checkpoint", interval=1, keep_latest_k=0, memory=memory)
+    if name == "dist":
+        base["dist"] = dist_options(channel)
     base.update(overrides)
     return CheckpointConfig(**base)
+
+
+def dist_options(channel: str):
+    """A dist world per channel: its store's port is derived from the name, so a publisher and
+    a reader (or a forked child) that agree on the channel meet without being told a port.
+    keep_versions = 4 for the same reason as memory's."""
+    from checkpointing.backends.dist import DistOptions
+
+    port = 21000 + zlib.crc32(channel.encode()) % 9000
+    return DistOptions(init_method=f"tcp://127.0.0.1:{port}", keep_versions=4, timeout_s=10.0, join_timeout_s=30.0)
 
 
 def with_options(cfg: CheckpointConfig, **changes) -> CheckpointConfig:

@@ -11,9 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from checkpointing import CheckpointConfig, ConfigError, load_job_config
-from checkpointing.backends.dcp import DCPOptions
-from checkpointing.backends.hf import HFOptions
-from checkpointing.backends.memory import MemoryOptions
+from checkpointing.backend import loadable_specs
 from tests.checkpointing.faults.config_space import (
     SPEC,
     checkpoint_toml,
@@ -26,7 +24,7 @@ from tests.checkpointing.faults.config_space import (
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # tyro warns about each wrong-typed TOML value
 
 KEYS = sorted(SPEC)
-TABLES = {"dcp": DCPOptions, "hf": HFOptions, "memory": MemoryOptions}
+TABLES = {spec.name: spec.options for spec in loadable_specs() if spec.options is not None}  # plugins' too
 HYPOTHESIS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -82,7 +80,7 @@ def test_wrong_values_from_python_are_config_errors(data):
     _refused_from_python(key, value)
 
 
-@pytest.mark.parametrize("key", [k for k in KEYS if SPEC[k].kind == "int"])
+@pytest.mark.parametrize("key", [k for k in KEYS if SPEC[k].kind in ("int", "float")])
 def test_int_keys_refuse_out_of_range_values_from_both_sides(key, tmp_path):
     spec = SPEC[key]
     worst = next(v for v in (0, -1, -2, 1, -(2**63)) if not spec.valid_int(v))

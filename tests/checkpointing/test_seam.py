@@ -128,7 +128,7 @@ def test_ckpt_backends_lists_capabilities_and_documented_options(capsys):
 
 
 # ------------------------------------------------------------------ layering
-BACKEND_NAMES = {"dcp", "hf", "memory", "shm", "local"}
+BACKEND_NAMES = {"dcp", "hf", "memory", "shm", "local", "dist"}
 
 
 def _string_constants_outside_docstrings(path: pathlib.Path) -> list[tuple[int, str]]:

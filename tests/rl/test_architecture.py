@@ -10,7 +10,7 @@ import pathlib
 import pytest
 
 RL_SRC = pathlib.Path(__file__).resolve().parents[2] / "src" / "rl"
-BACKEND_NAMES = {"dcp", "hf", "memory", "local", "shm"}
+BACKEND_NAMES = {"dcp", "hf", "memory", "local", "shm", "dist"}
 PUBLIC_INTEGRATIONS = {"checkpointing.vllm"}
 """Public integration packages of the library (each with its own ``__all__``): rl may import
 their public names like the package's, and nothing deeper."""

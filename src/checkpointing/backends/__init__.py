@@ -9,4 +9,5 @@ BUILTIN_SPECS = {
     "dcp": "checkpointing.backends.dcp:SPEC",
     "hf": "checkpointing.backends.hf:SPEC",
     "memory": "checkpointing.backends.memory:SPEC",
+    "dist": "checkpointing.backends.dist:SPEC",
 }

@@ -21,8 +21,9 @@ CHANNEL_ALLOWED = re.compile(r"[A-Za-z0-9_-]{1,128}")
 @dataclass(frozen=True)
 class KeySpec:
     kind: str
-    """bool | int | str | str_or_none | enum | str_list | channel | table"""
+    """bool | int | float | str | str_or_none | enum | str_list | channel | init_method | table"""
     valid_int: Callable[[int], bool] | None = None
+    """int and float keys: which numbers are in range."""
     allowed: tuple[str, ...] | None = None
 
 
@@ -37,6 +38,10 @@ BOOL, STR, STR_OR_NONE, STR_LIST, TABLE = (KeySpec(k) for k in ("bool", "str", "
 
 def INT(pred: Callable[[int], bool]) -> KeySpec:
     return KeySpec("int", valid_int=pred)
+
+
+def FLOAT(pred: Callable[[float], bool]) -> KeySpec:
+    return KeySpec("float", valid_int=pred)
 
 
 def ENUM(*allowed: str) -> KeySpec:
@@ -78,7 +83,34 @@ SPEC: dict[str, KeySpec] = {
     "memory.dtype": ENUM("auto", "float32", "bfloat16", "float16"),
     "memory.keep_versions": INT(lambda v: 1 <= v <= 63),  # + the spare slot: 64 segments at most
     "memory.verify_data": BOOL,
+    "dist": TABLE,
+    "dist.init_method": KeySpec("init_method"),
+    "dist.publishers": INT(lambda v: v >= 1),
+    "dist.role": ENUM("auto", "publish", "read"),
+    "dist.backend": ENUM("auto", "gloo", "nccl"),
+    "dist.bucket_size_mb": FLOAT(lambda v: math.isfinite(v) and v * 2**20 >= 4096),
+    "dist.dtype": ENUM("auto", "float32", "bfloat16", "float16"),
+    "dist.keep_versions": INT(lambda v: v >= 1),
+    "dist.timeout_s": FLOAT(lambda v: math.isfinite(v) and v > 0),
+    "dist.join_timeout_s": FLOAT(lambda v: math.isfinite(v) and v > 0),
 }
+INIT_METHOD_ALLOWED = re.compile(r"env://|tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>[0-9]{1,5})")
+
+
+def init_method_ok(s: str) -> bool:
+    match = INIT_METHOD_ALLOWED.fullmatch(s)
+    return match is not None and (match.group("port") is None or 0 < int(match.group("port")) < 65536)
+
+PLUGIN_KEYS: dict[str, dict[str, KeySpec]] = {
+    # plugins/torch_checkpointing, installed separately: its table exists only when it is installed
+    "torch_checkpointing": {
+        "torch_checkpointing": TABLE,
+        "torch_checkpointing.write_threads": INT(lambda v: 1 <= v <= 16),
+    },
+}
+for _backend, _keys in PLUGIN_KEYS.items():
+    if _backend in _registered_backends():
+        SPEC.update(_keys)
 
 
 def config_keys(cls: type, prefix: str = "") -> list[str]:
@@ -139,6 +171,11 @@ def wrong_values(spec: KeySpec) -> st.SearchStrategy:
                 lambda xs: not all(isinstance(x, str) for x in xs)
             ),
         )
+    if kind == "float":
+        numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), TOML_INT)
+        return st.one_of(_any_toml({"int", "float"}), numbers.filter(lambda v: not spec.valid_int(v)))
+    if kind == "init_method":
+        return st.one_of(_any_toml({"str"}), st.one_of(st.text(max_size=24), st.from_regex(r"tcp://[a-z.]{1,8}:[0-9]{1,6}", fullmatch=True)).filter(lambda s: not init_method_ok(s)))
     if kind == "channel":
         return st.one_of(_any_toml({"str"}), st.text(max_size=16).filter(lambda s: not CHANNEL_ALLOWED.fullmatch(s)))
     if kind == "table":

@@ -33,11 +33,15 @@ RECIPES: dict[str, dict[str, tuple[str, str, int]]] = {
         "dcp": ("checkpointing.backends.dcp_writer", "RecordingFileSystemWriter._write_item", 2),
         "hf": ("checkpointing.backends.hf.safetensors_io", "_write_all", 2),
         "memory": ("checkpointing.backends.memory.layout", "SnapshotViews.__call__", 3),
+        "dist": ("checkpointing.backends.dist.snapshot", "fill", 1),
+        # the plugin (plugins/torch_checkpointing): torch-checkpointing writes each file in one call
+        "torch_checkpointing": ("torch_checkpointing.storage.filesystem", "WriteStream.write", 1),
     },
     "commit": {
         # Every backend that commits through checkpointing.commit fsyncs each file there.
         "dcp": ("checkpointing.commit", "fsync_path", 1),
         "hf": ("checkpointing.commit", "fsync_path", 1),
+        "torch_checkpointing": ("checkpointing.commit", "fsync_path", 1),
     },
 }
 

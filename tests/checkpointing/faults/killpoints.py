@@ -220,8 +220,54 @@ def _memory_before_commit(trap: Trap) -> None:
     backend.fill_snapshot = trap.after_calls(1)(backend.fill_snapshot)
 
 
+def _dist_mid_data(trap: Trap) -> None:
+    """A dist publisher copies its shards into a snapshot slot in one batched ``snapshot.fill``:
+    copy the first half of the tensors, then die (the slot half new, half stale)."""
+    from checkpointing.backends.dist import snapshot
+
+    real = snapshot.fill
+
+    def fill(views, sources):
+        if not trap.armed:
+            return real(views, sources)
+        half = max(1, len(views) // 2)
+        real(views[:half], sources[:half])
+        die()
+
+    snapshot.fill = fill
+
+
+def _dist_before_commit(trap: Trap) -> None:
+    """Every byte copied into the slot, the slot not yet stamped with its step."""
+    from checkpointing.backends.dist import snapshot
+
+    snapshot.fill = trap.after_calls(1)(snapshot.fill)
+
+
+def _torch_checkpointing_mid_data(trap: Trap) -> None:
+    """The torch_checkpointing plugin (plugins/torch_checkpointing) hands each file to
+    torch-checkpointing's ``WriteStream.write`` in one call: die once half of the first file's
+    bytes are written and flushed."""
+    from torch_checkpointing.storage.filesystem import WriteStream
+
+    real_write = WriteStream.write
+
+    def write(stream, data):
+        if trap.armed and trap.inside(stream._path):
+            view = memoryview(data).cast("B")
+            real_write(stream, view[: len(view) // 2])
+            stream.flush()
+            die()
+        return real_write(stream, data)
+
+    WriteStream.write = write
+
+
 RECIPES: dict[tuple[str, str], Callable[[Trap], None]] = {
+    ("dist", "mid_data"): _dist_mid_data,
+    ("dist", "before_commit"): _dist_before_commit,
     ("dcp", "mid_data"): _dcp_mid_data,
+    ("torch_checkpointing", "mid_data"): _torch_checkpointing_mid_data,
     ("hf", "mid_data"): _hf_mid_data,
     ("memory", "mid_data"): _memory_mid_data,
     ("memory", "before_commit"): _memory_before_commit,

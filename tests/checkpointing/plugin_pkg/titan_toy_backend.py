@@ -1,21 +1,28 @@
 """A third-party checkpoint backend, as an outside package would write one.
 
 It reaches this library only through the ``titan_checkpointing.backends`` entry point group
-(the plugin test gives it a ``*.dist-info`` with ``entry_points.txt``). It keeps each step as one
-``state.pt`` read back with ``weights_only=True``, and borrows the library's commit protocol so
-its steps are atomic and checksummed like the built-in ones.
+(the plugin test gives it a ``*.dist-info`` with ``entry_points.txt``) and imports nothing but
+the public plugin kit, :mod:`checkpointing.plugin`. It keeps each step as one ``state.pt`` read
+back with ``weights_only=True``, and borrows the kit's commit protocol (``StepDirectory``,
+``StoredSteps``) so its steps are atomic and checksummed like the built-in ones.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
-from dataclasses import dataclass
-
-from checkpointing import BackendSpec, Capabilities, ConfigError, StateMismatchError, StepState
-from checkpointing.commit import StepDirectory
+from checkpointing.plugin import (
+    BackendSpec,
+    Capabilities,
+    ConfigError,
+    StateMismatchError,
+    StepDirectory,
+    StepState,
+    StoredSteps,
+)
 
 STATE_FILE = "state.pt"
 
@@ -32,14 +39,13 @@ class ToyOptions:
             raise ConfigError(f"{prefix}.file_name = {self.file_name!r}; allowed: a plain name ending in .pt")
 
 
-class ToyBackend:
+class ToyBackend(StoredSteps):
     capabilities = Capabilities(persistent=True, non_tensor_state=True)
 
     def __init__(self, ctx):
         self.store = StepDirectory(ctx.folder, ctx.name)
         self.verify_mode = ctx.verify
         self.options: ToyOptions = ctx.options
-        self.location = ctx.folder
 
     def write(self, step: int, state: StepState) -> None:
         with self.store.stage(step) as staging:
@@ -57,15 +63,6 @@ class ToyBackend:
             target.copy_(saved["model"][key])
         for key in state.extras:
             state.extras[key] = saved["extras"][key]
-
-    def steps(self) -> list[int]:
-        return self.store.steps()
-
-    def delete(self, step: int) -> None:
-        self.store.delete(step)
-
-    def close(self) -> None:
-        pass
 
 
 SPEC = BackendSpec("_toy", ToyBackend, ToyBackend.capabilities, ToyOptions, "a test plugin: one torch.save file per step")
