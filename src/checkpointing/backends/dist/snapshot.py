@@ -5,7 +5,8 @@ single rank) into a slot: one flat buffer laid out by its layout, in the snapsho
 batched copy. Readers are served from the slot, never from the live parameters, so the next
 optimizer step cannot tear a version a reader is pulling. The slot protocol is the memory
 backend's (:mod:`..memory.transport`): a save takes the slot of the same step, else an empty
-one, else the oldest, under an exclusive lock; a transfer pins its slot with a shared lock
+one, else the oldest a reader is not pulling, under an exclusive lock (waiting, bounded, only
+while readers pull every held version); a transfer pins its slot with a shared lock
 taken without waiting (a slot being rewritten is "gone", not waited for).
 """
 
@@ -17,9 +18,13 @@ import torch
 
 from ..._compat import foreach_copy
 from ..memory.local import _ReadWriteLock
-from ..memory.transport import SlotInfo, complete_steps, odd_after, slot_for_write, slot_holding
+from ..memory.transport import SlotInfo, complete_steps, odd_after, slot_holding, take_first_free, write_order
 from .errors import PeerGoneError
 from .layout import RankLayout
+
+
+class _StillPulled(Exception):
+    """A slot to retire is still pinned by a reader."""
 
 
 class Slot:
@@ -59,13 +64,13 @@ class Snapshots:
         return complete_steps(self.infos())
 
     def write(self, step: int, layout: RankLayout, sources: list[torch.Tensor], device: torch.device) -> None:
-        slot = self.slots[slot_for_write(self.infos(), step)]
-        if not slot.lock.exclusive(self.write_timeout_s):
-            raise PeerGoneError(
-                f"a reader has been pulling version {slot.step} for more than {self.write_timeout_s:g} s; "
-                "this save needs its slot (raise [dist] keep_versions to let saves overtake slow readers)",
-                "a reader",
-            )
+        order = write_order(self.infos(), step, len(self.slots))
+        busy = lambda: PeerGoneError(
+            f"readers have been pulling every held version for more than {self.write_timeout_s:g} s; "
+            "this save needs a slot (raise [dist] keep_versions to let saves overtake slow readers)",
+            "a reader",
+        )
+        slot = self.slots[take_first_free(order, lambda i: self.slots[i].lock.try_exclusive(), self.write_timeout_s, busy)]
         try:
             slot.seq = odd_after(slot.seq)
             slot.step = -1
@@ -105,13 +110,16 @@ class Snapshots:
         if held is None:
             return
         slot = self.slots[held.index]
-        if slot.lock.exclusive(self.write_timeout_s):
-            try:
-                slot.seq = odd_after(slot.seq)
-                slot.step = -1
-                slot.seq += 1
-            finally:
-                slot.lock.release_exclusive()
+        try:
+            take_first_free([held.index], lambda _: slot.lock.try_exclusive(), self.write_timeout_s, _StillPulled)
+        except _StillPulled:
+            return  # a reader still pulls it after write_timeout_s: it stays listed until the slot is rewritten
+        try:
+            slot.seq = odd_after(slot.seq)
+            slot.step = -1
+            slot.seq += 1
+        finally:
+            slot.lock.release_exclusive()
 
     def __iter__(self) -> Iterator[Slot]:
         return iter(self.slots)
