@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from . import distributed
 from .checksum import FileDigest, crc32_file, digest_file  # noqa: F401  (also re-exported: commit.crc32_file)
-from .errors import ConfigError, CorruptCheckpointError, StepNotFoundError, UnsafeCheckpointError
+from .errors import CheckpointError, ConfigError, CorruptCheckpointError, StepNotFoundError, UnsafeCheckpointError
 from .safepath import check_no_escaping_links, relative_parts, safe_join
 from .untrusted import describe, exists_here, parse_json, read_regular, regular_size
 
@@ -242,6 +242,10 @@ class StepDirectory:
         return bool(self.foreign_marker) and exists_here(os.path.join(step_dir, self.foreign_marker))
 
     def steps(self) -> list[int]:
+        """Committed steps of *this* backend. A step whose manifest names another backend (the
+        ``hf`` directory ``last_save_in_hf`` writes beside ``dcp`` steps) is another format's:
+        it is neither resumed from nor purged here. A manifest that cannot be read is listed, so
+        that loading that step fails loudly instead of quietly resuming from an older one."""
         try:
             names = os.listdir(self.folder)
         except FileNotFoundError:
@@ -249,9 +253,18 @@ class StepDirectory:
         found = []
         for name in names:
             step = parse_step_name(name)
-            if step is not None and self.is_committed(os.path.join(self.folder, name)):
+            path = os.path.join(self.folder, name)
+            if step is not None and self.is_committed(path) and not self._written_by_another_backend(path):
                 found.append(step)
         return sorted(found)
+
+    def _written_by_another_backend(self, step_dir: str) -> bool:
+        try:
+            doc = parse_json(read_regular(os.path.join(step_dir, MANIFEST), MAX_MANIFEST_BYTES, "manifest"), step_dir, "manifest")
+        except (OSError, CheckpointError):
+            return False  # no manifest (a foreign step), or a damaged one: listed, checked on load
+        backend = doc.get("backend") if isinstance(doc, dict) else None
+        return isinstance(backend, str) and backend != "" and backend != self.backend
 
     # --- writing -------------------------------------------------------------------------
     @contextlib.contextmanager

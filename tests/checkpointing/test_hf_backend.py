@@ -272,6 +272,32 @@ def test_last_save_in_hf_exports_the_last_step_as_a_hugging_face_directory(tmp_p
     assert_state_equal({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, other.state_dict())
 
 
+def test_a_dcp_checkpointer_resumes_from_its_own_steps_beside_the_hf_export(tmp_path):
+    """The folder holds dcp step-1 and the hf export step-2: the dcp Checkpointer resumes from
+    step-1 (step-2 is another backend's, by its manifest) and its retention never purges it."""
+    model = build_titan_model("llama3", seed=0)
+    cfg = CheckpointConfig(enable=True, backend="dcp", folder="checkpoint", interval=1, last_save_model_only=True,
+                           last_save_in_hf=True)
+    with Checkpointer(model_parts=[model], checkpoint_config=cfg, sd_adapter=adapter_for(model, "llama3"),
+                      base_folder=str(tmp_path)) as c:
+        c.save(1)
+        c.save(2, last_step=True)
+    other = build_titan_model("llama3", seed=5)
+    resume = CheckpointConfig(enable=True, backend="dcp", folder="checkpoint", interval=1, keep_latest_k=2)
+    with Checkpointer(model_parts=[other], checkpoint_config=resume, base_folder=str(tmp_path)) as r:
+        assert r.load() and r.loaded_step == 1
+        assert_state_equal(model.state_dict(), other.state_dict())
+        r.save(3)
+        r.save(4)
+        r.save(5)
+    left = sorted(os.listdir(tmp_path / "checkpoint"))
+    assert left == ["step-2", "step-4", "step-5"], left  # dcp step-1 and step-3 purged; the hf export kept
+    hf_reader = CheckpointConfig(enable=True, backend="hf", folder="checkpoint", load_only=True)
+    with Checkpointer(model_parts=[build_titan_model("llama3", seed=6)], checkpoint_config=hf_reader,
+                      sd_adapter=adapter_for(model, "llama3"), base_folder=str(tmp_path)) as h:
+        assert h.load() and h.loaded_step == 2
+
+
 def test_last_save_in_hf_needs_model_only_and_an_adapter(tmp_path):
     from checkpointing import ConfigError
 
