@@ -39,6 +39,10 @@ class StepState:
 
     model: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    model_is_scratch: bool = False
+    """The model tensors are fresh memory that only this load sees (a sink's transfer tensors):
+    a backend may read straight into them instead of staging a copy first, since a load that
+    fails halfway leaves nothing that anyone keeps."""
 
     def flat(self) -> dict[str, Any]:
         clash = self.model.keys() & self.extras.keys()

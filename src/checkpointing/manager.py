@@ -452,10 +452,10 @@ class Checkpointer:
                 lease.release()
         else:
             # A file backend reads into fresh tensors shaped by the specs (one transient copy,
-            # freed when the sink has taken them): the backend's own checks run before any
-            # byte reaches the sink.
+            # freed when the sink has taken them, and scratch: the backend need not stage
+            # another): the backend's own checks run before any byte reaches the sink.
             staged = {k: torch.empty(s.shape, dtype=s.dtype) for k, s in specs.items()}
-            self.backend.read(step, StepState(model=staged))
+            self.backend.read(step, StepState(model=staged, model_is_scratch=True))
             self._hand_to_sink(step, staged)
         self.stats.last_load_path = "sink"
         self.stats.last_load_bytes = sum(s.nbytes for s in specs.values())
@@ -538,7 +538,7 @@ class Checkpointer:
             if self.sink is not None:
                 specs = dict(self.sink.specs())
                 staged = {k: torch.empty(s.shape, dtype=s.dtype) for k, s in specs.items()}
-                reader.read_path(path, StepState(model=staged))
+                reader.read_path(path, StepState(model=staged, model_is_scratch=True))
                 self._hand_to_sink(-1, staged)
                 nbytes = tensor_bytes(staged)
             else:

@@ -113,6 +113,42 @@ def test_clear_forgets_every_step(tmp_path):
 
 
 # ------------------------------------------------------------------ ckpt backends
+@pytest.mark.parametrize("backend", ["dcp", "hf"])
+def test_a_sink_load_reads_straight_into_the_scratch_tensors(backend, tmp_path, monkeypatch):
+    """A sink's transfer tensors are scratch (StepState.model_is_scratch): the file backends read
+    into them without staging a second copy. Staging is made to fail: the sink load still works,
+    while a load into a live model (which must stage) hits it."""
+    import importlib
+
+    from checkpointing import TensorSpec
+
+    model = build_titan_model(seed=0)
+    cfg = CheckpointConfig(enable=True, backend=backend, folder="c", interval=1)
+    with Checkpointer(model_parts=[model], checkpoint_config=cfg, base_folder=str(tmp_path)) as w:
+        w.save(1)
+
+    def no_staging(tree):
+        raise AssertionError("staged a copy")
+
+    monkeypatch.setattr(importlib.import_module(backend_spec(backend).factory.__module__), "stage", no_staging)
+    received = {}
+
+    class Sink:
+        def specs(self):
+            return {k: TensorSpec(tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+        def receive(self, step, tensors):
+            received.update((k, v.clone()) for k, v in tensors)
+
+    reader = dataclasses.replace(cfg, load_only=True)
+    with Checkpointer(checkpoint_config=reader, base_folder=str(tmp_path), sink=Sink()) as r:
+        assert r.load() and r.stats.last_load_path == "sink"
+    assert all(torch.equal(received[k], v) for k, v in model.state_dict().items()) and received
+    with Checkpointer(model_parts=[build_titan_model(seed=1)], checkpoint_config=reader, base_folder=str(tmp_path)) as m:
+        with pytest.raises(AssertionError, match="staged a copy"):
+            m.load()
+
+
 def test_ckpt_backends_lists_capabilities_and_documented_options(capsys):
     from checkpointing.cli import main
 

@@ -207,7 +207,7 @@ class DCPBackend(StoredSteps):
         flat = state.flat()
         reader = SafeFileSystemReader(path)
         check_fits(reader.read_metadata(), flat, path)
-        staged = stage(flat)
+        staged = flat if state.model_is_scratch and not state.extras else stage(flat)
         load_checked(staged, reader, path, self.ctx.process_group)
         apply_state(state, {k: staged[k] for k in state.model}, {k: staged[k] for k in state.extras})
 

@@ -164,7 +164,7 @@ class HFBackend(StoredSteps):
         staged_extras = read_sidecar(path, state.extras, self.ctx.process_group) if state.extras else None
         staged_model = None
         if directory is not None and plan is not None:
-            staged_model = stage(state.model)
+            staged_model = state.model if state.model_is_scratch else stage(state.model)
             load_model(directory, plan, staged_model)
         apply_state(state, staged_model, staged_extras)
 
