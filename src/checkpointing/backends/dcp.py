@@ -19,7 +19,6 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from .._compat import flatten_state_dict
@@ -27,10 +26,10 @@ from ..backend import BackendContext, BackendSpec, Capabilities, StepState
 from ..commit import StepDirectory, StoredSteps, commit_directory, staged_directory, step_of
 from ..distributed import world_size
 from ..dtypes import dtype_name
-from ..errors import CheckpointError, ConfigError, CorruptCheckpointError, StateMismatchError
+from ..errors import ConfigError, CorruptCheckpointError, StateMismatchError
 from ..staging import apply_state, stage
 from ..untrusted import exists_here
-from .dcp_reader import DCP_METADATA, SafeFileSystemReader, SafeLoadPlanner, first_failure, load_checked, read_metadata
+from .dcp_reader import DCP_METADATA, SafeFileSystemReader, SafeLoadPlanner, dcp_failures_as, load_checked, read_metadata
 from .dcp_writer import FileRecorder, RecordingFileSystemWriter
 
 __all__ = [
@@ -110,11 +109,8 @@ def write_dcp_dir(
         sync_files=world_size(process_group) > 1,
         record=record,
     )
-    try:
+    with dcp_failures_as(f"writing DCP checkpoint {path}"):
         dcp.save(flat, storage_writer=writer, process_group=process_group)
-    except CheckpointException as e:
-        first = first_failure(e)
-        raise CheckpointError(f"writing DCP checkpoint {path} failed: {first!r}") from first
 
 
 def describe_dcp_dir(path: str) -> list[dict[str, Any]]:

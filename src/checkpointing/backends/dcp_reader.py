@@ -14,12 +14,14 @@ a GPU target, big-endian data) takes DCP's general path instead.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import itertools
 import os
 import pickle
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -258,6 +260,18 @@ def first_failure(error: BaseException) -> BaseException:
         wrapped = failures[min(failures)]
         return wrapped[0] if isinstance(wrapped, tuple) else wrapped
     return error
+
+
+@contextlib.contextmanager
+def dcp_failures_as(what: str) -> Iterator[None]:
+    """Around a DCP save: its ``CheckpointException`` (a BaseException, missed by every
+    ``except Exception``) becomes a CheckpointError saying ``what`` failed, caused by the first
+    rank's failure."""
+    try:
+        yield
+    except CheckpointException as e:
+        first = first_failure(e)
+        raise CheckpointError(f"{what} failed: {first!r}") from first
 
 
 def load_checked(state_dict: dict[str, Any], reader: SafeFileSystemReader, source: str, process_group: Any = None) -> None:

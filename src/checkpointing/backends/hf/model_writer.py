@@ -19,7 +19,6 @@ from typing import Any, Callable
 import torch
 
 from ...checksum import FileDigest
-from ...errors import CheckpointError
 from .directory import CONFIG, INDEX, index_json, plan_shards, shard_name
 from .hf_config import hf_config
 from .safetensors_io import write_shard
@@ -83,18 +82,14 @@ def _write_local(root: str, hf_state: dict[str, Any], shards: list[list[str]], p
 def _write_distributed(root: str, hf_state: dict[str, Any], shards: list[list[str]], process_group: Any) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
-    from torch.distributed.checkpoint.api import CheckpointException
 
-    from ..dcp import first_failure
+    from ..dcp_reader import dcp_failures_as
 
     mapping = {name: i for i, names in enumerate(shards, start=1) for name in names}
     scratch = os.path.join(root, SCRATCH)
     writer = HuggingFaceStorageWriter(path=scratch, fqn_to_index_mapping=mapping, save_distributed=True, enable_consolidation=False)
-    try:
+    with dcp_failures_as(f"writing Hugging Face shards into {scratch}"):
         dcp.save(hf_state, storage_writer=writer, process_group=process_group)
-    except CheckpointException as e:  # a BaseException: surface the first rank's cause as ours
-        first = first_failure(e)
-        raise CheckpointError(f"writing Hugging Face shards into {scratch} failed: {first!r}") from first
     consolidate_hf_safetensors(scratch, root, mapping, process_group)  # ends in a barrier
     if rank(process_group) == 0:
         shutil.rmtree(scratch)
