@@ -47,7 +47,7 @@ def local_shard_box(dtensor: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
 def local_shard_slices(dtensor: Any) -> tuple[slice, ...]:
     """The same box as index slices of the global tensor."""
     shape, offset = local_shard_box(dtensor)
-    return tuple(slice(o, o + s) for o, s in zip(offset, shape))
+    return tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
 
 
 def flatten_state_dict(state: dict[str, Any]) -> dict[str, Any]:

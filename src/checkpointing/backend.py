@@ -15,9 +15,10 @@ to a generic path when a backend lacks one, so a plugin only writes what it can 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .errors import BackendNotFoundError, ConfigError
 from .receiver import TensorSpec

@@ -24,8 +24,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from .dtypes import FLOAT_DTYPE_NAMES as DTYPE_CHOICES
 

@@ -14,8 +14,8 @@ Two ways in, one result:
 # dataclasses by their *field types* (``is_dataclass(f.type)``) and tyro resolves them in a
 # generated class, so the annotations must be real types, not strings.
 import difflib
-import re
 import os
+import re
 import threading
 import types
 import typing

@@ -133,9 +133,8 @@ def check_trainer_config(cfg: Any) -> None:
 def install() -> list[str]:
     """Rebind ``CheckpointManager`` to :func:`build_checkpointer` in the trainer module(s);
     returns the names of the modules changed (idempotent)."""
-    from torchtitan.components.checkpoint import CheckpointManager as Stock
-
     import torchtitan.train  # noqa: F401  (loaded, so a later `from torchtitan.train import Trainer` sees the switch)
+    from torchtitan.components.checkpoint import CheckpointManager as Stock
 
     changed = []
     for name, module in _trainer_modules():

@@ -12,8 +12,8 @@ would still drift away from emitting EOS, and a group with no spread left teache
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from checkpointing import ConfigError
 
@@ -51,7 +51,7 @@ class Task:
     def reward(self, problem: Problem, completion: str) -> float:
         """Correct positions / answer length: 1.0 exactly when the answer is right."""
         answer = problem.answer
-        return sum(a == c for a, c in zip(answer, completion)) / len(answer)
+        return sum(a == c for a, c in zip(answer, completion, strict=False))  # a short completion scores its missing positions 0 / len(answer)
 
 
 _TRANSFORMS: dict[str, Callable[[int], Callable[[str], str]]] = {
