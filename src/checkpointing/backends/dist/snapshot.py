@@ -17,7 +17,7 @@ import torch
 
 from ..._compat import foreach_copy
 from ..memory.local import _ReadWriteLock
-from ..memory.transport import SlotInfo, complete_steps, odd_after, slot_for_write, slot_holding
+from ..memory.transport import SlotInfo, complete_steps, odd_after, slot_holding, write_order
 from .errors import PeerGoneError
 from .layout import RankLayout
 
@@ -59,7 +59,8 @@ class Snapshots:
         return complete_steps(self.infos())
 
     def write(self, step: int, layout: RankLayout, sources: list[torch.Tensor], device: torch.device) -> None:
-        slot = self.slots[slot_for_write(self.infos(), step)]
+        # The protocol's first choice (same step, else an empty slot, else the oldest version)
+        slot = self.slots[write_order(self.infos(), step, len(self.slots))[0]]
         if not slot.lock.exclusive(self.write_timeout_s):
             raise PeerGoneError(
                 f"a reader has been pulling version {slot.step} for more than {self.write_timeout_s:g} s; "

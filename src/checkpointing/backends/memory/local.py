@@ -39,8 +39,9 @@ from .transport import (
 
 
 class _ReadWriteLock:
-    """Many readers or one writer, and nobody waits: a reader is told the slot is being
-    written, a writer that the slot is held (it tries another)."""
+    """Many readers or one writer. A reader never waits (it is told the slot is being written);
+    this backend's writer does not either (the slot is held: it tries another), while the dist
+    backend's waits, bounded, for the readers of the one slot its save must take."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -65,6 +66,13 @@ class _ReadWriteLock:
                 return False
             self._writing = True
             return True
+
+    def exclusive(self, timeout: float) -> bool:
+        with self._cond:
+            ok = self._cond.wait_for(lambda: not self._writing and self._readers == 0, timeout)
+            if ok:
+                self._writing = True
+            return ok
 
     def release_exclusive(self) -> None:
         with self._cond:
