@@ -90,8 +90,11 @@ class Backend(Protocol):
     """Storage for committed steps. Steps are ints; a step is visible only once complete."""
 
     capabilities: Capabilities
-    location: str
-    """Where the steps live, for messages: a folder, a channel."""
+
+    @property
+    def location(self) -> str:
+        """Where the steps live, for messages: a folder, a channel. Read-only (a plain attribute
+        or a property both fit)."""
 
     def write(self, step: int, state: StepState) -> None:
         """Store ``state`` as ``step``; it becomes visible to ``steps()`` only when complete."""
