@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -235,7 +235,7 @@ def st_load(receiver, path):
 
 
 def checkpointer(module: nn.Module, base: str, backend: str, verify: str = "checksum", threads: int = 1):
-    from checkpointing import Checkpointer, CheckpointConfig
+    from checkpointing import CheckpointConfig, Checkpointer
     from checkpointing.backends.dcp import DCPOptions
 
     cfg = CheckpointConfig(enable=True, backend=backend, folder="ckpt", interval=1, keep_latest_k=0, verify=verify,
@@ -254,7 +254,7 @@ def run(args) -> list[Result]:
         print(f"pass {i + 1}/{args.repeat} (load average {os.getloadavg()[0]:.1f})", flush=True)
         passes.append(one_pass(args, state, receiver))
     best = []
-    for rows in zip(*passes):
+    for rows in zip(*passes, strict=True):
         fastest = min(rows, key=lambda r: r.seconds)
         best.append(dataclasses.replace(fastest, peak_rss=max(r.peak_rss for r in rows),
                                         rss_before=min(r.rss_before for r in rows)))
@@ -358,7 +358,7 @@ def write_png(results: list[Result], path: str, title: str) -> None:
     colors = ["#888888" if r.op.startswith(("raw", "torch", "safetensors")) else "#1f77b4" for r in results]
     fig, ax = plt.subplots(figsize=(max(8, len(results) * 0.75), 4.8))
     bars = ax.bar(range(len(results)), [r.seconds for r in results], color=colors)
-    for bar, r in zip(bars, results):
+    for bar, r in zip(bars, results, strict=True):
         ax.annotate(f"{r.gbps:.2f} GB/s", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(results)), labels, rotation=60, ha="right", fontsize=7)

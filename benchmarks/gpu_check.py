@@ -22,7 +22,7 @@ import uuid
 import torch
 import torch.nn as nn
 
-from checkpointing import Checkpointer, CheckpointConfig
+from checkpointing import CheckpointConfig, Checkpointer
 from checkpointing.backends.memory import MemoryOptions
 
 
@@ -51,7 +51,7 @@ def timed(fn, repeats=3) -> float:
 
 def same(a: nn.Module, b: nn.Module, dtype=None) -> bool:
     return all(
-        torch.equal(x.to(dtype) if dtype else x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())
+        torch.equal(x.to(dtype) if dtype else x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     )
 
 
@@ -72,7 +72,7 @@ def main() -> int:
     ok = True
     src = Blob(args.size_gb, "cuda")
     dst = Blob(args.size_gb, "cuda", seed=1)
-    pairs = list(zip(src.parameters(), dst.parameters()))
+    pairs = list(zip(src.parameters(), dst.parameters(), strict=True))
     memcpy = timed(lambda: [d.data.copy_(s.data) for s, d in pairs])
     print(f"device memcpy of {args.size_gb:.2f} GB: {memcpy:.4f} s", flush=True)
 
@@ -84,7 +84,7 @@ def main() -> int:
         sub = Checkpointer(model_parts=[recv], checkpoint_config=cfg)
         step = [0]
 
-        def handoff():
+        def handoff(pub=pub, sub=sub, step=step):
             step[0] += 1
             pub.save(step[0])
             assert sub.load() and sub.loaded_step == step[0]

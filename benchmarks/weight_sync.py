@@ -279,7 +279,7 @@ def worker(method: str, args) -> dict:
     def memcpy() -> float:
         t0 = time.perf_counter()
         with torch.no_grad():
-            for d, s in zip(dst, src):
+            for d, s in zip(dst, src, strict=True):
                 d.copy_(s)
         return time.perf_counter() - t0
 
@@ -325,7 +325,7 @@ def worker(method: str, args) -> dict:
         result["seconds"] = result["total_s"]
         result["min_s"] = min(r["total"] for r in runs)
         # Each handoff against the memcpy timed just before it: a busy machine slows both alike.
-        result["ratio"] = statistics.median(r["total"] / c for r, c in zip(runs, copies))
+        result["ratio"] = statistics.median(r["total"] / c for r, c in zip(runs, copies, strict=True))
         result["correct"] = _check(method, trainer, generator, handoff)
         result["load_path"] = handoff.load_path() if isinstance(handoff, (CheckpointerHandoff, ShmHandoff)) else "copy"
         result.update(handoff.close())

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import uuid
 
-import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

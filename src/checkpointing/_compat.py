@@ -8,7 +8,10 @@ name. Imports happen inside the functions so that importing this module costs no
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 
 def merge_job_configs(base: type, custom: type) -> type:
@@ -47,7 +50,7 @@ def local_shard_box(dtensor: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
 def local_shard_slices(dtensor: Any) -> tuple[slice, ...]:
     """The same box as index slices of the global tensor."""
     shape, offset = local_shard_box(dtensor)
-    return tuple(slice(o, o + s) for o, s in zip(offset, shape))
+    return tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
 
 
 def flatten_state_dict(state: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +93,7 @@ def create_file_view(stream: Any, offset: int, length: int) -> Any:
     return _create_file_view(stream, offset, length)
 
 
-def storage_info_class() -> type:
+def storage_info_class() -> type[_StorageInfo]:
     """The record DCP's filesystem layer keeps per stored item: relative path, offset, length
     (``torch.distributed.checkpoint.filesystem._StorageInfo``)."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo

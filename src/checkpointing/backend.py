@@ -15,9 +15,10 @@ to a generic path when a backend lacks one, so a plugin only writes what it can 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .errors import BackendNotFoundError, ConfigError
 from .receiver import TensorSpec
@@ -93,8 +94,11 @@ class Backend(Protocol):
     """Storage for committed steps. Steps are ints; a step is visible only once complete."""
 
     capabilities: Capabilities
-    location: str
-    """Where the steps live, for messages: a folder, a channel."""
+
+    @property
+    def location(self) -> str:
+        """Where the steps live, for messages: a folder, a channel. Read-only (a plain attribute
+        or a property both fit)."""
 
     def write(self, step: int, state: StepState) -> None:
         """Store ``state`` as ``step``; it becomes visible to ``steps()`` only when complete."""

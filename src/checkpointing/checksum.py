@@ -28,13 +28,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from .untrusted import open_regular
+
 XXH3 = "xxh3"
 CRC32 = "crc32"
 ALGORITHM = XXH3
 """What new manifests record."""
 ALGORITHMS = (XXH3, CRC32)
-
-from .untrusted import open_regular
 
 CHUNK = 16 << 20
 """Bytes per read: large enough for few syscalls, small enough to stay in cache."""

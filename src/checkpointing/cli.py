@@ -24,8 +24,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, NoReturn
 
 from .dtypes import FLOAT_DTYPE_NAMES as DTYPE_CHOICES
 
@@ -295,7 +296,9 @@ class _ProgressBar:
     """A tqdm bar made once the total is known; closed by the command."""
 
     def __init__(self, desc: str) -> None:
-        self.desc, self.bar = desc, None
+        self.desc = desc
+        self.bar: Any = None
+        """The tqdm bar (tqdm has no type hints); None until the total is known."""
 
     def __call__(self, total: int):
         from tqdm import tqdm
@@ -387,7 +390,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
     from .errors import ConfigError
     from .options_doc import option_rows
 
-    listed = []
+    listed: list[dict[str, Any]] = []
     for name in available_backends():
         try:
             spec = backend_spec(name)
@@ -409,9 +412,9 @@ def cmd_backends(args: argparse.Namespace) -> int:
         if "error" in entry:
             print(f"{entry['name']}: cannot be loaded: {entry['error']}")
             continue
-        caps = ", ".join(k for k, v in entry["capabilities"].items() if v) or "none"
+        enabled = ", ".join(k for k, v in entry["capabilities"].items() if v) or "none"
         print(f"{entry['name']}: {entry['summary']}")
-        print(f"  capabilities: {caps}")
+        print(f"  capabilities: {enabled}")
         if entry["options"]:
             print(f"  [checkpoint.{entry['name']}]")
             for row in entry["options"]:
@@ -421,7 +424,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------- entry point
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's own exit code is already 2; keep it terse
+    def error(self, message: str) -> NoReturn:  # argparse's own exit code is already 2; keep it terse
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 

@@ -239,7 +239,7 @@ class StepDirectory:
             return False
         if exists_here(os.path.join(step_dir, MANIFEST)):
             return True
-        return bool(self.foreign_marker) and exists_here(os.path.join(step_dir, self.foreign_marker))
+        return bool(self.foreign_marker and exists_here(os.path.join(step_dir, self.foreign_marker)))
 
     def steps(self) -> list[int]:
         """Committed steps of *this* backend. A step whose manifest names another backend (the
@@ -325,7 +325,7 @@ class StepDirectory:
 
     def cleanup_partials(self) -> list[str]:
         """Remove staging and trash leftovers of crashed writers. Only writers call this."""
-        removed = []
+        removed: list[str] = []
         if self._rank() != 0:
             return removed
         for name in _listdir(self.folder):
@@ -399,8 +399,13 @@ def seal(staging: str, step: int, backend: str, known: dict | None = None) -> Ma
     directories. A crash before the rename leaves only a staging directory nobody lists."""
     # Flushing to disk waits on the device, checksumming on the CPU: do both at once.
     paths = [os.path.join(staging, rel) for rel in _files_under(staging)]
+
+    def fsync_all() -> None:
+        for path in paths:
+            fsync_path(path)
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit-fsync") as pool:
-        synced = pool.submit(lambda: [fsync_path(p) for p in paths])
+        synced = pool.submit(fsync_all)
         try:
             manifest = Manifest.build(staging, step, backend, known=known)
         finally:

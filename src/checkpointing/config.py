@@ -14,8 +14,9 @@ Two ways in, one result:
 # dataclasses by their *field types* (``is_dataclass(f.type)``) and tyro resolves them in a
 # generated class, so the annotations must be real types, not strings.
 import difflib
-import re
 import os
+import re
+import sys
 import threading
 import types
 import typing
@@ -28,10 +29,10 @@ from .backend import BackendSpec, ValidatedOptions, available_backends, backend_
 from .dtypes import FLOAT_DTYPE_NAMES as DTYPE_NAMES
 from .errors import BackendNotFoundError, ConfigError
 
-try:  # Python 3.11+
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # pragma: no cover
-    import tomli as tomllib  # type: ignore[no-redef]
+else:  # pragma: no cover
+    import tomli as tomllib
 
 ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
 LOAD_MODES = ("auto", "copy")
@@ -254,7 +255,7 @@ def _check_keys(cls: type, data: dict[str, Any], prefix: str, source: str = "") 
         tp = hints.get(key)
         if tp is None:
             continue
-        if is_dataclass(tp):
+        if isinstance(tp, type) and is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}{where} must be a table ([{path}]), got {value!r}")
             _check_keys(tp, value, path, source)
@@ -338,7 +339,7 @@ def merged_config_class(module_path: str) -> type:
         raise ConfigError(f"job.custom_config_module = {module_path!r} cannot be imported: {e}") from None
     except Exception as e:  # the module's own code failed while importing
         raise ConfigError(f"job.custom_config_module = {module_path!r} failed while importing: {type(e).__name__}: {e}") from None
-    if not is_dataclass(custom):
+    if not (isinstance(custom, type) and is_dataclass(custom)):
         raise ConfigError(f"job.custom_config_module = {module_path!r}: its JobConfig is not a dataclass")
     return merge_job_configs(TitanJobConfig, custom)
 
@@ -393,7 +394,8 @@ def _split_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, 
     for i, arg in enumerate(args):
         if not arg.startswith("--"):
             continue
-        name, eq, value = arg[2:].partition("=")
+        name, eq, inline = arg[2:].partition("=")
+        value: str | None = inline
         if not eq:
             following = args[i + 1] if i + 1 < len(args) else None
             value = following if following is not None and not following.startswith("--") else None
@@ -444,7 +446,7 @@ def _check_overrides(cls: type, overrides: list[str] | tuple[str, ...]) -> None:
         parts = dotted.split(".")
         node: Any = cls
         for i, part in enumerate(parts):
-            if not is_dataclass(node):
+            if not (isinstance(node, type) and is_dataclass(node)):
                 break
             names = {f.name: f for f in fields(node)}
             if part not in names:

@@ -12,7 +12,8 @@ weights alone is what TorchTitan's seed checkpoints are.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -6,9 +6,12 @@ A single process (no process group) is rank 0 of 1 everywhere, so backends write
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from . import _compat
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 def _dist() -> Any:
@@ -38,7 +41,7 @@ def barrier(group: Any = None) -> None:
         dist.barrier(group=group)
 
 
-def is_dtensor(value: Any) -> bool:
+def is_dtensor(value: Any) -> TypeGuard[DTensor]:
     """A DTensor (FSDP2 / tensor-parallel shard) rather than a plain tensor."""
     try:
         from torch.distributed.tensor import DTensor

@@ -35,7 +35,7 @@ def field_docs(cls: type) -> dict[str, str]:
         return {}
     docs: dict[str, str] = {}
     body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-    for node, following in zip(body, body[1:]):
+    for node, following in zip(body, body[1:], strict=False):  # each node with the one after it
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)

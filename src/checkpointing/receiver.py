@@ -11,8 +11,9 @@ roll back is never handed half a version.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -29,7 +30,7 @@ class TensorSpec:
     dtype: torch.dtype
 
     @classmethod
-    def of(cls, tensor: Any) -> "TensorSpec":
+    def of(cls, tensor: Any) -> TensorSpec:
         return cls(tuple(int(d) for d in tensor.shape), tensor.dtype)
 
     @property

@@ -15,14 +15,17 @@ into them; DTensor shards are staged like their receiver (same mesh and placemen
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 
 from .backend import StepState
 
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
-def _is_dtensor(value: Any) -> bool:
+
+def _is_dtensor(value: Any) -> TypeGuard[DTensor]:
     from torch.distributed.tensor import DTensor
 
     return isinstance(value, DTensor)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from .errors import CheckpointError, ConfigError, CorruptCheckpointError
 

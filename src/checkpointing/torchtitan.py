@@ -100,9 +100,15 @@ def build_checkpointer(
     return ckpt
 
 
+def _has_backend_field(cfg: Any) -> bool:
+    """Whether ``cfg`` is a dataclass with a ``backend`` field (our config module's, or one that
+    extends it); a helper so that ``cfg`` stays an untyped TorchTitan config to the caller."""
+    return cfg is not None and is_dataclass(cfg) and "backend" in {f.name for f in fields(cfg)}
+
+
 def check_trainer_config(cfg: Any) -> None:
     """Refuse, with the key named, what would otherwise be ignored or fail mid-run."""
-    if cfg is None or not is_dataclass(cfg) or "backend" not in {f.name for f in fields(cfg)}:
+    if not _has_backend_field(cfg):
         raise ConfigError(
             f"[experimental] custom_import = {__name__!r} needs [job] custom_config_module = {CONFIG_MODULE!r} "
             "(or a module whose JobConfig extends it) in the same TOML: without it TorchTitan's config has no "
@@ -133,9 +139,8 @@ def check_trainer_config(cfg: Any) -> None:
 def install() -> list[str]:
     """Rebind ``CheckpointManager`` to :func:`build_checkpointer` in the trainer module(s);
     returns the names of the modules changed (idempotent)."""
-    from torchtitan.components.checkpoint import CheckpointManager as Stock
-
     import torchtitan.train  # noqa: F401  (loaded, so a later `from torchtitan.train import Trainer` sees the switch)
+    from torchtitan.components.checkpoint import CheckpointManager as Stock
 
     changed = []
     for name, module in _trainer_modules():

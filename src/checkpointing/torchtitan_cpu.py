@@ -75,9 +75,9 @@ def _use_cpu_device() -> None:
     stock_type, stock_module = utils.device_type, utils.device_module
     for module in _torchtitan_modules():
         if vars(module).get("device_type") is stock_type and isinstance(stock_type, str):
-            module.device_type = "cpu"
+            vars(module)["device_type"] = "cpu"
         if vars(module).get("device_module") is stock_module and isinstance(stock_module, ModuleType):
-            module.device_module = torch.cpu
+            vars(module)["device_module"] = torch.cpu
     utils.device_type, utils.device_module = "cpu", torch.cpu
 
 

@@ -65,7 +65,9 @@ def shard(model: nn.Module, device: torch.device) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (world_size(),))
-    for block in model.layers.values():
+    blocks = model.layers
+    assert isinstance(blocks, nn.ModuleDict)  # TorchTitan's transformer blocks, by layer id
+    for block in blocks.values():
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model

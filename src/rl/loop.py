@@ -101,7 +101,8 @@ def run(cfg: Any, source: ConfigSource | None = None, *, on_step=None) -> RunSum
     os.makedirs(dump, exist_ok=True)
 
     trainer = PolicyTrainer(cfg, device, task, tokenizer)
-    generator = exporter = metrics = None
+    generator: Generator | RemoteGenerator | None = None
+    exporter = metrics = None
     try:
         check_process_mode(cfg, trainer)
         exporter = build_exporter(cfg, trainer)  # before training: a bad [export] fails now, not at the end

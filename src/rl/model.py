@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -78,6 +79,13 @@ def build_model(name: str, flavor: str, *, device: torch.device, dtype: torch.dt
     if seed is None:
         model.requires_grad_(False)
     return model
+
+
+def vocab_size(model: nn.Module) -> int:
+    """The vocabulary size a model from :func:`build_model` was built for. Its TorchTitan
+    ``model_args`` is a plain attribute, which the type of ``nn.Module.__getattr__`` (a tensor or
+    a submodule) does not describe: hence the cast."""
+    return cast(Any, model).model_args.vocab_size
 
 
 def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:

@@ -12,8 +12,8 @@ would still drift away from emitting EOS, and a group with no spread left teache
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from checkpointing import ConfigError
 
@@ -51,7 +51,8 @@ class Task:
     def reward(self, problem: Problem, completion: str) -> float:
         """Correct positions / answer length: 1.0 exactly when the answer is right."""
         answer = problem.answer
-        return sum(a == c for a, c in zip(answer, completion)) / len(answer)
+        # A short completion (an early EOS) scores its missing positions 0.
+        return sum(a == c for a, c in zip(answer, completion, strict=False)) / len(answer)
 
 
 _TRANSFORMS: dict[str, Callable[[int], Callable[[str], str]]] = {

@@ -66,7 +66,7 @@ class CharTokenizer(BaseTokenizer):
         return self._tok.get_vocab_size(with_added_tokens=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_tokenizer(path: str = ASSET) -> CharTokenizer:
     return CharTokenizer(path)
 

@@ -19,7 +19,7 @@ from . import data_parallel
 from .checkpoints import hf_assets_path, open_checkpointer
 from .engines import Rollout
 from .grpo import grpo_loss
-from .model import build_model, state_dict_adapter, train_spec
+from .model import build_model, state_dict_adapter, train_spec, vocab_size
 from .policy import banned_token_mask, masked, token_logprobs
 from .tasks import PromptSampler, Task
 
@@ -54,7 +54,7 @@ class PolicyTrainer:
         self.device = device
         name, flavor = cfg.model.name, cfg.model.flavor
         model = build_model(name, flavor, device=device, dtype=torch.float32, seed=cfg.rl.seed).train()
-        self.banned = banned_token_mask(model.model_args.vocab_size, tokenizer)
+        self.banned = banned_token_mask(vocab_size(model), tokenizer)
         # The reference policy is the seeded initial model, so a resumed run rebuilds it exactly.
         self.reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.rl.kl_coef > 0 else None
         self.model = data_parallel.shard(model, device)  # FSDP2 under torchrun; as is on one rank

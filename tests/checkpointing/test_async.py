@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from checkpointing import AsyncSaveError, Checkpointer, CheckpointConfig
+from checkpointing import AsyncSaveError, CheckpointConfig, Checkpointer
 from tests.helpers import TrainState, assert_state_equal, build_titan_model, build_training_parts, train_steps
 
 MODES = ["async", "async_with_pinned_mem"]

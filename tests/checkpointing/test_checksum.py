@@ -93,7 +93,7 @@ def test_steps_with_crc32_manifests_still_load_and_verify(tmp_path, backend):
 
     import torch
 
-    from checkpointing import Checkpointer, CheckpointConfig, CorruptCheckpointError
+    from checkpointing import CheckpointConfig, Checkpointer, CorruptCheckpointError
     from checkpointing.cli import main as ckpt
 
     folder = tmp_path / "ckpt"

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from checkpointing import Checkpointer, CheckpointConfig
+from checkpointing import CheckpointConfig, Checkpointer
 from checkpointing.cli import main
 from tests.checkpointing.test_hf_backend import hf_config, save_model_step
 from tests.helpers import assert_state_equal, build_titan_model, build_training_parts, train_steps

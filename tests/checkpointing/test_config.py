@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from checkpointing import BackendNotFoundError, Checkpointer, CheckpointConfig, ConfigError, load_job_config
+from checkpointing import BackendNotFoundError, CheckpointConfig, Checkpointer, ConfigError, load_job_config
 from checkpointing.backends.dcp import DCPOptions
 from checkpointing.backends.memory import MemoryOptions
 from tests.helpers import build_titan_model

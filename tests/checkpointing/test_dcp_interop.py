@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from checkpointing import Checkpointer, CheckpointConfig
+from checkpointing import CheckpointConfig, Checkpointer
 from tests.helpers import TrainState, assert_state_equal, build_titan_model, build_training_parts, train_steps
 
 pytestmark = pytest.mark.slow
@@ -59,7 +59,7 @@ class Parts:
         return dict(dataloader=self.dataloader, model_parts=[self.model], optimizers=self.opts,
                     lr_schedulers=self.scheds, states={"train_state": self.train_state})
 
-    def assert_same_as(self, other: "Parts") -> None:
+    def assert_same_as(self, other: Parts) -> None:
         assert_state_equal(other.model.state_dict(), self.model.state_dict())
         assert_state_equal(other.opts.state_dict(), self.opts.state_dict())
         assert self.scheds.state_dict() == other.scheds.state_dict()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.distributed.checkpoint as dcp
 
-from checkpointing import Checkpointer, CheckpointConfig
+from checkpointing import CheckpointConfig, Checkpointer
 from checkpointing.backends.dcp import SafeFileSystemReader, SafeLoadPlanner, read_metadata
 from tests.helpers import assert_state_equal, build_titan_model, build_training_parts, train_steps
 

@@ -18,8 +18,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from checkpointing import (
-    Checkpointer,
     CheckpointConfig,
+    Checkpointer,
     CorruptCheckpointError,
     UnsafeCheckpointError,
 )

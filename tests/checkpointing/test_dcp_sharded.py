@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from checkpointing import Checkpointer, CheckpointConfig
+from checkpointing import CheckpointConfig, Checkpointer
 from tests.helpers import TrainState, build_titan_model, build_training_parts, train_steps
 
 WORLD = 2

@@ -16,10 +16,11 @@ import pytest
 from checkpointing import CheckpointError, CorruptCheckpointError
 from checkpointing.commit import MANIFEST
 from tests.checkpointing.faults.bench import STEP, Bench, names_file, save_pristine
-from tests.checkpointing.faults.known_bugs import mark_known_bugs
 from tests.checkpointing.faults.damage import DAMAGES, SIZE_CHANGING, files_of
+from tests.checkpointing.faults.known_bugs import mark_known_bugs
 from tests.checkpointing.faults.matrix import CASES, require_persistent
 from tests.checkpointing.faults.versions import BASE_SEED, Side, base_weights
+
 
 @pytest.fixture(autouse=True)
 def _known_bugs(request):

@@ -21,8 +21,8 @@ from checkpointing import CorruptCheckpointError, StateMismatchError, UnsafeChec
 from checkpointing.commit import MANIFEST
 from tests.checkpointing.faults import crafted
 from tests.checkpointing.faults.bench import Bench, names_file, save_pristine
-from tests.checkpointing.faults.known_bugs import mark_known_bugs
 from tests.checkpointing.faults.damage import files_of, reseal
+from tests.checkpointing.faults.known_bugs import mark_known_bugs
 from tests.checkpointing.faults.matrix import CASES, capabilities, require_persistent
 from tests.checkpointing.faults.versions import base_weights
 
@@ -206,7 +206,7 @@ def test_index_json_paths_out_of_the_step_are_refused(case, how, pristine, tmp_p
         shard = next(iter(index["weight_map"].values()))
         escape = _escape(how, bench, os.path.join(os.path.dirname(rel), shard), tmp_path)
 
-        def redirect(path):
+        def redirect(path, index=index, escape=escape):
             index["weight_map"] = {k: escape for k in index["weight_map"]}
             with open(path, "w") as f:
                 json.dump(index, f)

@@ -14,9 +14,9 @@ import os
 import pytest
 import torch
 
-from checkpointing import Checkpointer, CheckpointConfig, StateMismatchError
-from checkpointing.backends.hf.directory import HFDirectory, plan_shards
+from checkpointing import CheckpointConfig, Checkpointer, StateMismatchError
 from checkpointing.backends.hf import HFOptions
+from checkpointing.backends.hf.directory import HFDirectory, plan_shards
 from tests.helpers import TrainState, assert_state_equal, build_titan_model, build_training_parts, train_steps
 
 
@@ -75,14 +75,14 @@ def test_config_json_describes_the_model(tmp_path):
     assert (q["hidden_size"], q["num_hidden_layers"], q["num_attention_heads"], q["num_key_value_heads"], q["head_dim"]) == (64, 2, 4, 2, 16)
     assert q["tie_word_embeddings"] is True and q["torch_dtype"] == "float32" and q["vocab_size"] == 256
     assert "lm_head.weight" not in HFDirectory.open(qdir).tensors  # tied: stored once, as HF does
-    l = json.loads(open(os.path.join(ldir, "config.json")).read())
-    assert l["architectures"] == ["LlamaForCausalLM"] and l["tie_word_embeddings"] is False
-    assert l["rope_scaling"] == {
+    lcfg = json.loads(open(os.path.join(ldir, "config.json")).read())
+    assert lcfg["architectures"] == ["LlamaForCausalLM"] and lcfg["tie_word_embeddings"] is False
+    assert lcfg["rope_scaling"] == {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192,
     }
-    assert l["rope_theta"] == 500000.0
-    assert l["intermediate_size"] == llama.layers["0"].feed_forward.w1.weight.shape[0]
+    assert lcfg["rope_theta"] == 500000.0
+    assert lcfg["intermediate_size"] == llama.layers["0"].feed_forward.w1.weight.shape[0]
 
 
 def test_shards_split_at_max_shard_size(tmp_path):

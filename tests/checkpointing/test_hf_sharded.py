@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from checkpointing import Checkpointer, CheckpointConfig
+from checkpointing import CheckpointConfig, Checkpointer
 from checkpointing.backends.hf import HFOptions
 from tests.helpers import TrainState, build_titan_model, build_training_parts, train_steps
 

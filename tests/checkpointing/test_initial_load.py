@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from checkpointing import Checkpointer, CheckpointConfig, ConfigError, StepNotFoundError
+from checkpointing import CheckpointConfig, Checkpointer, ConfigError, StepNotFoundError
 from tests.helpers import TrainState, assert_state_equal, build_titan_model, build_training_parts, train_steps
 
 

@@ -477,14 +477,14 @@ def test_shm_publishers_racing_for_one_channel_never_share_it(unique_channel):
                     pass
                 finally:
                     transport.close()
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             errors.append(e)
 
     def cleaner() -> None:
         try:
             while not stop.is_set():
                 reclaim_stale_segments(unique_channel)
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             errors.append(e)
 
     def reader() -> None:
@@ -501,7 +501,7 @@ def test_shm_publishers_racing_for_one_channel_never_share_it(unique_channel):
                     reads[0] += 1
                 except (StepNotFoundError, ChannelNotFoundError):
                     pass
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             errors.append(e)
         finally:
             transport.close()

@@ -276,7 +276,7 @@ def test_ckpt_inspect_and_verify_read_a_plugin_step(tmp_path, capsys):
 
     assert ckpt(["verify", folder]) == 0
     out = capsys.readouterr().out
-    assert "step-2: ok (torch_checkpointing): 3 files match the manifest (checksum); 24 model tensors (1 tied); " in out, out
+    assert "step-2: ok (torch_checkpointing): 3 files match the manifest (checksum), none unlisted; 24 model tensors (1 tied); " in out, out
     assert "training state ['bag', 'lr_scheduler', 'optimizer']: 72 tensors, structure ok" in out, out
 
 

@@ -18,8 +18,8 @@ import torch
 from checkpointing import (
     BackendSpec,
     Capabilities,
-    Checkpointer,
     CheckpointConfig,
+    Checkpointer,
     CleansPartials,
     ConfigError,
     Inspects,

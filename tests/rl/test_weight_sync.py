@@ -95,9 +95,9 @@ def test_a_generator_never_samples_with_an_unpublished_version(tmp_path):
     """Stale detection: asking for a version nobody published is an error after the timeout,
     not a rollout with the weights the generator happens to hold."""
     from rl.generator import Generator, StalePolicyError
+    from rl.tasks import get_task
     from rl.tokenizer import load_tokenizer
     from rl.trainer import PolicyTrainer
-    from rl.tasks import get_task
 
     cfg = load(tmp_path, "--weight_sync.backend=dcp", "--rl.sync_timeout_s=0.2")
     tok = load_tokenizer()

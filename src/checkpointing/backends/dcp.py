@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -34,7 +35,7 @@ from .dcp_writer import FileRecorder, RecordingFileSystemWriter
 
 __all__ = [
     "DCPBackend", "DCPOptions", "SPEC", "DCP_METADATA", "SafeFileSystemReader", "SafeLoadPlanner", "read_metadata",
-    "check_fits", "write_dcp_dir", "read_dcp_dir",
+    "check_fits", "write_dcp_dir",
 ]
 
 MAX_THREADS = 64

@@ -154,7 +154,8 @@ class SafeFileSystemReader(FileSystemReader):
         archive = torch._C.PyTorchFileReader(view)  # the zip directory only: no data is read
         if [r for r in archive.get_all_records() if r.startswith("data/")] != ["data/0"]:
             return False
-        if archive.has_record("byteorder") and bytes(archive.get_record("byteorder")) != b"little":
+        # torch's _C stub omits PyTorchFileReader.has_record and get_record_offset (both exist in torch 2.13)
+        if archive.has_record("byteorder") and bytes(archive.get_record("byteorder")) != b"little":  # type: ignore[attr-defined]
             return False
         stored = self._stored_tensor(view, archive, item, target.dtype)
         if stored is None or stored.dtype != target.dtype:
@@ -162,7 +163,7 @@ class SafeFileSystemReader(FileSystemReader):
         size_of = getattr(archive, "get_record_size", None)  # torch >= 2.12
         if size_of is None:
             return False
-        record_offset, record_size = archive.get_record_offset("data/0"), size_of("data/0")
+        record_offset, record_size = archive.get_record_offset("data/0"), size_of("data/0")  # type: ignore[attr-defined]
         if record_size != stored.numel() * stored.element_size() or record_offset + record_size > info.length:
             return False
         region = narrow_tensor_by_index(stored, item.storage_offsets, item.lengths)

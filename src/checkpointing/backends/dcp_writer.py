@@ -105,7 +105,7 @@ class RecordingFileSystemWriter(FileSystemWriter):
         files = [(f"{prefix}{i}{parts.suffix}", bucket) for i, bucket in enumerate(buckets)]
         if self.thread_count > 1 and len(files) > 1:
             with ThreadPoolExecutor(max_workers=self.thread_count, thread_name_prefix="dcp-write") as pool:
-                written = list(pool.map(lambda f: self._write_file(*f, planner, parts), files))
+                written = list(pool.map(lambda f: self._write_file(f[0], f[1], planner, parts), files))
         else:
             written = [self._write_file(name, items, planner, parts) for name, items in files]
         future: Future[list[WriteResult]] = Future()
@@ -123,7 +123,9 @@ class RecordingFileSystemWriter(FileSystemWriter):
                 for item in [i for i in items if i.type == WriteItemType.BYTE_IO]:
                     results.append(self._write_item(stream, planner.resolve_data(item), item, name, parts))
                 for item in [i for i in items if i.type != WriteItemType.BYTE_IO]:
-                    results.append(self._write_item(stream, _cpu_tensor(planner.resolve_data(item)), item, name, parts))
+                    tensor = planner.resolve_data(item)
+                    assert isinstance(tensor, torch.Tensor)  # DCP resolves every non-BYTE_IO item to a tensor
+                    results.append(self._write_item(stream, _cpu_tensor(tensor), item, name, parts))
                 raw.flush()
                 stream.hand_over_small()
                 if self.sync_files:

@@ -21,7 +21,8 @@ import math
 import os
 import pickle
 from collections import OrderedDict, defaultdict
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -93,13 +94,36 @@ def _check_key(key: Any, source: str) -> None:
                 todo.extend(state.values())
 
 
-class _RestrictedUnpickler(pickle._Unpickler):  # the Python unpickler: its opcodes can be guarded
+if TYPE_CHECKING:
+
+    class _PythonUnpickler(pickle._Unpickler):
+        """What typeshed leaves out of the pure-Python unpickler (its ``stack`` and the opcode
+        handlers wrapped below), declared so that the guards are type-checked against them."""
+
+        dispatch: ClassVar[dict[int, Callable[[Any], None]]]
+        stack: list[Any]
+
+        def load_setitem(self) -> None: ...
+        def load_setitems(self) -> None: ...
+        def load_dict(self) -> None: ...
+        def load_additems(self) -> None: ...
+        def load_frozenset(self) -> None: ...
+        def load_reduce(self) -> None: ...
+        def load_newobj(self) -> None: ...
+        def load_newobj_ex(self) -> None: ...
+        def load_build(self) -> None: ...
+
+else:
+    _PythonUnpickler = pickle._Unpickler
+
+
+class _RestrictedUnpickler(_PythonUnpickler):  # the Python unpickler: its opcodes can be guarded
     """Resolves only DCP's metadata classes, refuses persistent ids, and checks every dict key
     and set member before it is hashed. Python's own unpickler (about 2.5x slower than the C one,
     which cannot be hooked) because every hash bomb goes through SETITEM(S), DICT, ADDITEMS,
     FROZENSET or a set/dict constructor, and those are only guarded here."""
 
-    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch = dict(_PythonUnpickler.dispatch)
 
     def __init__(self, file, source: str):
         super().__init__(file)

@@ -85,7 +85,8 @@ def _sha256(t: torch.Tensor) -> str:
     if t.numel() == 0:
         return "empty"
     raw = t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(raw).hexdigest()
+    # numpy's stubs declare ndarray's buffer protocol (__buffer__) for Python >= 3.12 only
+    return hashlib.sha256(raw).hexdigest()  # type: ignore[arg-type]
 
 
 def model_census() -> dict[str, int]:

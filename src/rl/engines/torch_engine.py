@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoints import hf_assets_path, open_checkpointer
-from ..model import DTYPES, build_model, state_dict_adapter
+from ..model import DTYPES, build_model, state_dict_adapter, vocab_size
 from ..policy import banned_token_mask, completion_mask, log_probs, masked, token_logprobs
 from . import Rollout, SamplingParams
 
@@ -55,7 +55,7 @@ class TorchEngine:
             model_parts=[model],
             sd_adapter=state_dict_adapter(name, flavor, hf_assets_path(cfg)),
         )
-        banned = banned_token_mask(model.model_args.vocab_size, tokenizer)
+        banned = banned_token_mask(vocab_size(model), tokenizer)
         return cls(model, device=device, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id, banned=banned, weights=weights)
 
     @torch.no_grad()

@@ -12,7 +12,8 @@ import json
 import pickle
 import resource
 import struct
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 
 class RunsCode:

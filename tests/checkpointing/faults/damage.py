@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from typing import Callable
+from collections.abc import Callable
 
 from checkpointing.commit import MANIFEST, Manifest
 

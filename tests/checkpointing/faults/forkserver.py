@@ -99,7 +99,7 @@ class ForkServer:
 
 def _serve() -> None:
     import torch  # noqa: F401  (imported before forking: that is the point)
-    import torchtitan  # noqa: F401
+    import torchtitan
     import torchtitan.components.checkpoint  # noqa: F401
 
     import checkpointing  # noqa: F401

@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import pytest
 

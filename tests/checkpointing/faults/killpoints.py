@@ -15,8 +15,8 @@ import os
 import re
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 STEP_NAME = re.compile(r"^step-\d+$")
 
@@ -193,7 +193,7 @@ def _dcp_mid_data(trap: Trap) -> None:
     ``.distcp`` is on disk."""
     from checkpointing.backends.dcp_writer import RecordingFileSystemWriter as Writer
 
-    flush = lambda self, stream, *a, **kw: stream.flush()  # noqa: E731
+    flush = lambda self, stream, *a, **kw: stream.flush()
     Writer._write_item = trap.after_calls(2, flush)(Writer._write_item)
 
 

@@ -17,7 +17,7 @@ from tests.checkpointing.cases import backend_cases, make_config
 CASES = backend_cases()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(case: str) -> Capabilities:
     with tempfile.TemporaryDirectory() as folder:
         cfg = make_config(case, f"probe{uuid.uuid4().hex[:10]}", load_only=True)

@@ -16,7 +16,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -137,21 +137,23 @@ class RankLayout:
         for key, target in aliases.items():
             if not isinstance(key, str) or target not in names or key in names:
                 raise bad(f"alias {key!r} -> {target!r} does not name a held tensor")
-        ints = [doc.get(k) for k in ("nbytes", "bucket_bytes")]
-        if not all(_is_int(v) and v >= 0 for v in ints) or not isinstance(doc.get("backend"), str):
+        nbytes, bucket_bytes, backend = doc.get("nbytes"), doc.get("bucket_bytes"), doc.get("backend")
+        if not (
+            _is_int(nbytes) and nbytes >= 0 and _is_int(bucket_bytes) and bucket_bytes >= 0 and isinstance(backend, str)
+        ):
             raise bad("nbytes/bucket_bytes/backend missing")
-        layout = cls(held, dict(aliases), ints[0], ints[1], doc["backend"])
+        layout = cls(held, dict(aliases), nbytes, bucket_bytes, backend)
         for t in held:
             if t.offset >= 0 and t.offset + t.nbytes > layout.nbytes:
                 raise bad(f"{t.name}: bytes [{t.offset}, {t.offset + t.nbytes}) lie outside the {layout.nbytes}-byte snapshot")
         return layout
 
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _int_list(v: Any) -> bool:
+def _int_list(v: Any) -> TypeGuard[list[int]]:
     return isinstance(v, list) and len(v) <= 16 and all(_is_int(x) and x >= 0 for x in v)
 
 

@@ -62,7 +62,8 @@ class Publisher:
         self._plans: dict[tuple[str, int], PairPlan] = {}
         self._publisher_layouts: list[RankLayout] | None = None
         self._pack: list[torch.Tensor] = []
-        self._pack_views: dict[tuple, list] = {}
+        self._pack_views: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = {}
+        """(bucket views, slot views, buffer) per (plan, bucket, slot): see :meth:`_packing`."""
         self.plans_computed = 0
         """Plans this rank computed (one per reader layout; later syncs replay them)."""
         self.syncs_served = 0
@@ -235,6 +236,7 @@ class Publisher:
             return plan
         begin = time.monotonic()
         if self._publisher_layouts is None:
+            assert self.layout is not None  # set by the first save, before the server serves anyone
             self._publisher_layouts = [
                 self.layout if s == self.rank else RankLayout.from_json(store.get(keys.layout_key(s)), f"publisher {s}")
                 for s in range(self.opts.publishers)

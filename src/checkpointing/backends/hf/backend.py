@@ -16,18 +16,18 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ...backend import BackendContext, BackendSpec, Capabilities, StepState
-from typing import Any, Callable
-
 from ...commit import MANIFEST, StepDirectory, StoredSteps, commit_directory, staged_directory, step_of
 from ...dtypes import dtype_name
 from ...errors import ConfigError, UnsafeCheckpointError
-from ..dcp import DCPOptions, check_dcp_structure, describe_dcp_dir, write_dcp_dir
 from ...safepath import check_no_escaping_links
 from ...staging import apply_state, stage
 from ...untrusted import exists_here
+from ..dcp import DCPOptions, check_dcp_structure, describe_dcp_dir, write_dcp_dir
 from .directory import INDEX, SINGLE_FILE, HFDirectory, is_hf_dir
 from .model_writer import write_model
 from .state_mapping import HFNaming, load_model, plan_load

@@ -14,16 +14,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from ..._compat import consolidate_hf_safetensors
 from ...checksum import FileDigest
+from ...distributed import is_dtensor, rank
 from .directory import CONFIG, INDEX, index_json, plan_shards, shard_name
 from .hf_config import hf_config
 from .safetensors_io import write_shard
-from ..._compat import consolidate_hf_safetensors
-from ...distributed import is_dtensor, rank
 from .state_mapping import HFNaming
 
 SCRATCH = ".dcp-shards"

@@ -180,7 +180,8 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     t = t.contiguous().reshape(-1)
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy())
+    # numpy's stubs declare ndarray's buffer protocol (__buffer__) for Python >= 3.12 only
+    return memoryview(t.view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def build_header(named: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> bytes:
@@ -243,7 +244,8 @@ def _writable_bytes(t: torch.Tensor) -> memoryview | None:
     """A writable byte view of ``t``'s memory, or None when it cannot be filled in place."""
     if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
         return None
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    # numpy's stubs declare ndarray's buffer protocol (__buffer__) for Python >= 3.12 only
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def read_region(fd: int, entry: TensorEntry, path: str, offsets: tuple[int, ...] | None = None, shape: tuple[int, ...] | None = None) -> torch.Tensor:

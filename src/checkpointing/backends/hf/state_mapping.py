@@ -133,7 +133,7 @@ def _copy_into(target: Any, full: torch.Tensor) -> None:
     """``full`` holds the whole (global) tensor: copy this rank's part into ``target``."""
     local, offset = local_box(target)
     if offset is not None:
-        full = full[tuple(slice(o, o + s) for o, s in zip(offset, local.shape))]
+        full = full[tuple(slice(o, o + s) for o, s in zip(offset, local.shape, strict=True))]
     if local.data_ptr() == full.data_ptr() and local.shape == full.shape and local.dtype == full.dtype:
         return  # tied: already the same memory
     local.copy_(full)

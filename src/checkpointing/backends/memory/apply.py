@@ -8,8 +8,9 @@ byte moves: a receiver that does not fit is left exactly as it was.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -17,6 +18,7 @@ from ...distributed import local_part
 from ...errors import StateMismatchError
 from ...receiver import castable, describe_mismatch
 from .layout import Layout, SnapshotViews, TensorEntry, storage_key
+
 
 @dataclass(frozen=True)
 class Copy:

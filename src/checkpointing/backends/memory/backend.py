@@ -36,8 +36,9 @@ tensors, in place. What the backend promises, and why:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 
@@ -134,7 +135,7 @@ class MemoryBackend:
                 verify_checksums(source.layout, source.data, source.checksums, source.label)
             apply_plan(plan, source.data)
 
-    def open_views(self, step: int, specs: Mapping[str, TensorSpec]) -> "MemoryLease":
+    def open_views(self, step: int, specs: Mapping[str, TensorSpec]) -> MemoryLease:
         """Lease ``step`` and return views of the tensors ``specs`` names, in the snapshot's
         dtype (names both ways and shapes checked first; with ``verify_data`` the checksums too)."""
         pinned = self.transport.pin(step)
@@ -191,7 +192,7 @@ def _snapshot_device(model: dict[str, Any]) -> torch.device:
     tensors share one, so a colocated GPU handoff is two device copies instead of a round trip
     through host memory (measured on an H200: 0.19 s per GB through the host, against 0.7 ms
     for a device copy of the same bytes)."""
-    devices = {getattr(t, "to_local", lambda: t)().device for t in model.values() if isinstance(t, torch.Tensor)}
+    devices = {t.device for t in model.values() if isinstance(t, torch.Tensor)}  # a DTensor's is its shard's
     if len(devices) == 1:
         (device,) = devices
         if device.type not in ("cpu", "meta"):

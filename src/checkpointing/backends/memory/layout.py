@@ -15,10 +15,11 @@ import math
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
+from ...distributed import is_dtensor
 from ...errors import CorruptCheckpointError
 from ...untrusted import describe, parse_json
 
@@ -180,15 +181,16 @@ class Layout:
 
 def storage_key(t: torch.Tensor) -> tuple | None:
     """Identity of the memory a tensor views: equal keys mean the same tensor (tied weights)."""
-    if hasattr(t, "placements"):  # a DTensor: its local shard (without to_local's autograd op)
-        t = getattr(t, "_local_tensor", None) if hasattr(t, "_local_tensor") else t.to_local()
-    if t is None or t.device.type == "meta":
+    local: torch.Tensor | None = t
+    if is_dtensor(t):  # its local shard (without to_local's autograd op)
+        local = getattr(t, "_local_tensor", None) if hasattr(t, "_local_tensor") else t.to_local()
+    if local is None or local.device.type == "meta":
         return None
     try:
-        ptr = t.data_ptr()
+        ptr = local.data_ptr()
     except RuntimeError:  # tensors without storage (e.g. some subclasses): never tied
         return None
-    return (t.device, ptr, tuple(t.shape), tuple(t.stride()), t.dtype)
+    return (local.device, ptr, tuple(local.shape), tuple(local.stride()), local.dtype)
 
 
 def manifest_crc(data: bytes) -> int:
@@ -224,7 +226,7 @@ def parse_manifest(raw: bytes, data_len: int, source: str) -> tuple[Layout, int,
     return Layout(tuple(entries), dict(aliases)), version, checksums
 
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 

@@ -226,8 +226,8 @@ def reclaim(channel: str) -> list[str]:
             if GEN_RE.fullmatch(gen) and not _sweep_temp(channel, path, gen, removed):
                 protected.add(gen)
     for path in channel_files(channel):
-        gen = _slot_gen(channel, os.path.basename(path))
-        if gen is None or gen in protected or _generation_held(channel, gen):
+        slot_gen = _slot_gen(channel, os.path.basename(path))
+        if slot_gen is None or slot_gen in protected or _generation_held(channel, slot_gen):
             continue
         if unlink_quietly(path):
             removed.append(path)

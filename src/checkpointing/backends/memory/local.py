@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
@@ -40,7 +40,8 @@ from .transport import (
 
 class _ReadWriteLock:
     """Many readers or one writer, and nobody waits: a reader is told the slot is being
-    written, a writer that the slot is held (it tries another)."""
+    written, a writer that the slot is held (it tries another). Shared with the dist backend's
+    snapshots, which take their slots the same way."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()

@@ -11,7 +11,8 @@ keeps the result.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -76,7 +77,7 @@ def verify_checksums(layout: Layout, data: torch.Tensor, expected: list[int] | N
             "(set [checkpoint.memory] verify_data = true on the publisher)",
             source,
         )
-    for entry, want in zip(layout.entries, expected):
+    for entry, want in zip(layout.entries, expected, strict=True):
         got = checksum(data[entry.offset : entry.offset + entry.nbytes])
         if got != want:
             raise CorruptCheckpointError(

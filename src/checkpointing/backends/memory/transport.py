@@ -26,9 +26,10 @@ the holding process dies, and a ``local`` lease is released when its holder is g
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 

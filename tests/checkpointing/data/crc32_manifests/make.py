@@ -1,7 +1,13 @@
 """How these steps were made: by main at 5ca73a7 (CRC32 manifests), `python make.py OUT` there. Kept as
 fixtures: steps with old manifests must still load and verify."""
-import sys, shutil, os, torch, torch.nn as nn
-from checkpointing import Checkpointer, CheckpointConfig
+import sys
+
+import torch
+import torch.nn as nn
+
+from checkpointing import CheckpointConfig, Checkpointer
+
+
 class Small(nn.Module):
     def __init__(self):
         super().__init__()
