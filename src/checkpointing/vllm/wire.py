@@ -24,17 +24,13 @@ from typing import Any
 
 import torch
 
+from ..dtypes import dtype_name, storable_dtypes
 from ..errors import ConfigError
 from ..receiver import TensorSpec
 
-_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64,
-                                                       torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool)}
+_DTYPES = storable_dtypes()
 _CLASS = "__class__"
 ALLOWED_MODULE_PREFIXES = ("torchtitan.",)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -20,6 +20,7 @@ from typing import Any, TypeGuard
 import torch
 
 from ...distributed import is_dtensor
+from ...dtypes import storable_dtypes
 from ...errors import CorruptCheckpointError
 from ...untrusted import describe, parse_json
 
@@ -27,20 +28,7 @@ MANIFEST_FORMAT = "titan-ckpt-memory/1"
 ALIGN = 64
 """Byte alignment of every tensor: a cache line, and a multiple of every dtype's size."""
 
-DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "complex64": torch.complex64,
-    "complex128": torch.complex128,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
+DTYPES: dict[str, torch.dtype] = storable_dtypes()
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_MANIFEST_BYTES = 64 << 20
 """A manifest for even a huge model is a few MB; a bigger declared length is corruption."""
