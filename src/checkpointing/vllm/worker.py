@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import typing
 from typing import Any
 
 import torch
@@ -69,7 +70,8 @@ def weight_digests(model: nn.Module) -> dict[str, str]:
         for param_name, param in module.named_parameters(recurse=False):
             name = prefix + param_name
             if isinstance(module, LinearBase) and param_name == "weight":
-                eye = torch.eye(module.input_size_per_partition, dtype=module.params_dtype, device=_device(module))
+                rows = typing.cast(int, module.input_size_per_partition)  # set as an int by LinearBase; nn.Module types it Tensor | Module
+                eye = torch.eye(rows, dtype=module.params_dtype, device=_device(module))
                 value = module.quant_method.apply(module, eye)
             else:
                 value = param

@@ -32,6 +32,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -109,7 +110,7 @@ class VLLMEngine:
     def generate(self, prompts: torch.Tensor, params: SamplingParams, seed: int) -> Rollout:
         import vllm
 
-        requests = [{"prompt_token_ids": row} for row in prompts.tolist()]
+        requests: list[Any] = [{"prompt_token_ids": row} for row in prompts.tolist()]  # vLLM's TokensPrompt
         sampling = [
             vllm.SamplingParams(
                 n=1, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
@@ -126,6 +127,7 @@ class VLLMEngine:
             ids = list(sample.token_ids)[: params.max_new_tokens]
             completions[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             for t, (token, ranked) in enumerate(zip(ids, sample.logprobs or [], strict=False)):
+                assert ranked is not None  # logprobs=0: vLLM returns the sampled token's at every position
                 logprobs[i, t] = ranked[token].logprob
         mask = completion_mask(completions, self.eos_id)
         return Rollout(prompts=prompts.cpu(), completions=completions, logprobs=masked(logprobs, mask), mask=mask)
