@@ -242,10 +242,11 @@ class StepDirectory:
         return bool(self.foreign_marker and exists_here(os.path.join(step_dir, self.foreign_marker)))
 
     def steps(self) -> list[int]:
-        """Committed steps of *this* backend. A step whose manifest names another backend (the
-        ``hf`` directory ``last_save_in_hf`` writes beside ``dcp`` steps) is another format's:
-        it is neither resumed from nor purged here. A manifest that cannot be read is listed, so
-        that loading that step fails loudly instead of quietly resuming from an older one."""
+        """Committed steps of *this* backend's format. A step whose manifest names another
+        backend and which lacks this format's marker file (the ``hf`` directory
+        ``last_save_in_hf`` writes beside ``dcp`` steps) is another format's: it is neither
+        resumed from nor purged here. A manifest that cannot be read is listed, so that loading
+        that step fails loudly instead of quietly resuming from an older one."""
         try:
             names = os.listdir(self.folder)
         except FileNotFoundError:
@@ -254,11 +255,13 @@ class StepDirectory:
         for name in names:
             step = parse_step_name(name)
             path = os.path.join(self.folder, name)
-            if step is not None and self.is_committed(path) and not self._written_by_another_backend(path):
+            if step is not None and self.is_committed(path) and not self._another_format(path):
                 found.append(step)
         return sorted(found)
 
-    def _written_by_another_backend(self, step_dir: str) -> bool:
+    def _another_format(self, step_dir: str) -> bool:
+        if self.foreign_marker and exists_here(os.path.join(step_dir, self.foreign_marker)):
+            return False  # our format, whoever wrote it (TorchTitan, a backend wrapping ours)
         try:
             doc = parse_json(read_regular(os.path.join(step_dir, MANIFEST), MAX_MANIFEST_BYTES, "manifest"), step_dir, "manifest")
         except (OSError, CheckpointError):
