@@ -51,6 +51,7 @@ _HOMES = {
     # safe readers
     "safe_join": "checkpointing.safepath",
     "check_no_escaping_links": "checkpointing.safepath",
+    "check_plain_files": "checkpointing.safepath",
     "parse_json_strict": "checkpointing.backends.hf.safetensors_io",
     "read_safetensors_header": ("checkpointing.backends.hf.safetensors_io", "read_header"),
     # receivers
@@ -84,6 +85,7 @@ __all__ = [
     "step_of",
     "safe_join",
     "check_no_escaping_links",
+    "check_plain_files",
     "parse_json_strict",
     "read_safetensors_header",
     "TensorSpec",
@@ -135,4 +137,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         UnsafeCheckpointError,
     )
     from .receiver import TensorSpec, check_fit
-    from .safepath import check_no_escaping_links, safe_join
+    from .safepath import check_no_escaping_links, check_plain_files, safe_join

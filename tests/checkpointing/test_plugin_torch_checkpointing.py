@@ -305,6 +305,44 @@ def test_ckpt_verify_finds_damage_the_manifest_and_the_structure_check_see(tmp_p
     assert "CORRUPT" in out and "exp_avgX" in out, out
 
 
+def test_a_fifo_in_a_step_is_refused_in_every_verify_mode_not_waited_on(tmp_path):
+    """torch-checkpointing opens files with a plain open(): with verify = "off" nothing else
+    looks at the files first, and a FIFO would block the load forever (found by the mutation
+    fuzz). The plugin refuses anything but regular files before the library opens one."""
+    import threading
+
+    from checkpointing import UnsafeCheckpointError
+
+    model, opts, scheds = trained(seed=0)
+    with Checkpointer(model_parts=[model], optimizers=opts, lr_schedulers=scheds, checkpoint_config=config(),
+                      base_folder=str(tmp_path)) as c:
+        c.save(1)
+    target = os.path.join(tmp_path, "checkpoint", "step-1", library.LAYOUT_FILE)
+    os.remove(target)
+    os.mkfifo(target)
+    for verify in ("off", "size", "checksum"):
+        outcome: list[BaseException | None] = []
+
+        def load(verify=verify, outcome=outcome):
+            try:
+                other, other_opts, other_scheds = trained(seed=1)
+                with Checkpointer(model_parts=[other], optimizers=other_opts, lr_schedulers=other_scheds,
+                                  checkpoint_config=config(verify=verify), base_folder=str(tmp_path)) as r:
+                    r.load()
+                outcome.append(None)
+            except BaseException as e:
+                outcome.append(e)
+
+        worker = threading.Thread(target=load, daemon=True)
+        worker.start()
+        worker.join(timeout=60)
+        if worker.is_alive():  # unblock the reader so the test process can end
+            with open(target, "wb"):
+                pass
+            pytest.fail(f"verify={verify}: the load blocked on a FIFO")
+        assert isinstance(outcome[0], UnsafeCheckpointError), (verify, outcome)
+
+
 def test_ckpt_convert_to_and_from_the_plugin_is_bit_exact(tmp_path, capsys):
     from tests.checkpointing.test_cli import TINY_ARGS, dcp_folder
 

@@ -35,6 +35,7 @@ from checkpointing.plugin import (
     TensorSpec,
     check_fit,
     check_no_escaping_links,
+    check_plain_files,
     commit_directory,
     parse_json_strict,
     read_safetensors_header,
@@ -125,6 +126,7 @@ class TorchCheckpointingBackend(StoredSteps):
 
     def _read_dir(self, path: str, state: StepState) -> None:
         check_no_escaping_links(path)  # also with verify = "off": torch-checkpointing follows links
+        check_plain_files(path)  # and opens files with a plain open(): a FIFO would block it
         layout = read_layout(path)
         into: dict[str, dict[str, Any]] = {}
         groups: dict[str, dict[str, list[torch.Tensor]]] = {}
