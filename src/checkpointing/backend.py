@@ -55,6 +55,24 @@ class StepState:
     def model_only(self) -> bool:
         return not self.extras
 
+    def tensors_only(self, carrier: str, what: str) -> dict[str, Any]:
+        """The model tensors, for a backend (``carrier``) that moves nothing else: training
+        state is a ConfigError (it belongs in a persistent backend), a non-tensor model entry a
+        StateMismatchError naming it. ``what``: the operation, for the message."""
+        from .errors import StateMismatchError
+
+        if self.extras:
+            raise ConfigError(
+                f"the {carrier} backend carries model tensors only, but this {what} also has {sorted(self.extras)}; "
+                "keep training state in a persistent backend (dcp, hf)"
+            )
+        import torch
+
+        bad = [k for k, v in self.model.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise StateMismatchError(f"the {carrier} backend carries tensors only; not tensors: {bad}", bad)
+        return self.model
+
 
 @dataclass(frozen=True)
 class Capabilities:

@@ -79,10 +79,10 @@ class DistBackend:
     # ------------------------------------------------------------------ Backend protocol
     def write(self, step: int, state: StepState) -> None:
         self._claim("publish")
-        self.publisher().write(step, _model_tensors(state, "publish"))
+        self.publisher().write(step, state.tensors_only("dist", "publish"))
 
     def read(self, step: int, state: StepState) -> None:
-        model = _model_tensors(state, "load")
+        model = state.tensors_only("dist", "load")
         if self.role == "publish":
             self.publisher().read_own(step, model)
             return
@@ -102,18 +102,6 @@ class DistBackend:
         for side in (self._reader, self._publisher):
             if side is not None:
                 side.close()
-
-
-def _model_tensors(state: StepState, what: str) -> dict[str, Any]:
-    if state.extras:
-        raise ConfigError(
-            f"the dist backend carries model tensors only, but this {what} also has {sorted(state.extras)}; "
-            "keep training state in a persistent backend (dcp, hf)"
-        )
-    bad = [k for k, v in state.model.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise StateMismatchError(f"the dist backend carries tensors only; not tensors: {bad}", bad)
-    return state.model
 
 
 SPEC = BackendSpec(

@@ -44,7 +44,7 @@ import torch
 
 from ...backend import BackendContext, BackendSpec, Capabilities, StepState
 from ...distributed import rank
-from ...errors import ConfigError, StateMismatchError
+from ...errors import ConfigError
 from ...receiver import TensorSpec, check_fit
 from .apply import apply_plan, plan_load
 from .layout import DTYPES, Layout, SnapshotViews
@@ -117,7 +117,7 @@ class MemoryBackend:
 
     # ------------------------------------------------------------------ Backend protocol
     def write(self, step: int, state: StepState) -> None:
-        model = _model_tensors(state, "publish")
+        model = state.tensors_only("memory", "publish")
         layout = Layout.for_state(model, self.cast_to)
         if not self._publishes():
             fill_snapshot(layout, model, None, self.bucket_bytes)  # take part in the gathers only
@@ -128,7 +128,7 @@ class MemoryBackend:
                 target.checksums = checksums(layout, target.data)
 
     def read(self, step: int, state: StepState) -> None:
-        model = _model_tensors(state, "load")
+        model = state.tensors_only("memory", "load")
         with self.transport.reading(step) as source:
             plan = plan_load(source.layout, model, source.label, source.data)
             if self.verify_data:
@@ -198,18 +198,6 @@ def _snapshot_device(model: dict[str, Any]) -> torch.device:
         if device.type not in ("cpu", "meta"):
             return device
     return torch.device("cpu")
-
-
-def _model_tensors(state: StepState, what: str) -> dict[str, Any]:
-    if state.extras:
-        raise ConfigError(
-            f"the memory backend carries model tensors only, but this {what} also has {sorted(state.extras)}; "
-            "keep training state in a persistent backend (dcp, hf)"
-        )
-    bad = [k for k, v in state.model.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise StateMismatchError(f"the memory backend carries tensors only; not tensors: {bad}", bad)
-    return state.model
 
 
 SPEC = BackendSpec(
