@@ -90,6 +90,28 @@ def test_tied_weights_stay_tied_and_are_published_once(case, tmp_path, unique_ch
         assert layout.nbytes <= all_bytes - tied_bytes + 64 * len(layout.entries)
 
 
+def test_the_publish_layout_is_reused_only_for_the_same_tensors(unique_channel):
+    """A trainer publishes the same tensors every step, so the layout is built once; any other
+    tensor object (here: an untied weight where a tied one was) builds it again, ties included."""
+    from checkpointing.backend import BackendContext
+    from checkpointing.backends.memory import MemoryOptions
+    from checkpointing.backends.memory.backend import MemoryBackend
+
+    backend = MemoryBackend(BackendContext(folder="", options=MemoryOptions(channel=unique_channel)))
+    try:
+        shared, other = torch.ones(4, 3), torch.zeros(4, 3)
+        tied = {"embed": shared, "output": shared}
+        first = backend._layout_for(tied)
+        assert first.aliases == {"output": "embed"}
+        assert backend._layout_for(dict(tied)) is first  # same tensors: reused
+        untied = backend._layout_for({"embed": shared, "output": other})
+        assert untied is not first and untied.aliases == {} and len(untied.entries) == 2
+        assert backend._layout_for({"embed": shared, "output": other.reshape(3, 4)}).entries[1].shape == (3, 4)
+        assert backend._layout_for({"emb": shared, "output": other}).entries[0].name == "emb"
+    finally:
+        backend.close()
+
+
 def test_tied_receiver_refuses_untied_publisher_with_different_values(case, tmp_path, unique_channel):
     untied = build_titan_model("llama3", seed=0, vocab_size=256)
     tied = build_titan_model("llama3", seed=1, vocab_size=256)

@@ -36,6 +36,7 @@ tensors, in place. What the backend promises, and why:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -106,6 +107,7 @@ class MemoryBackend:
         self.capabilities = Capabilities(persistent=False, non_tensor_state=False, cross_process=opts.transport != "local")
         self.location = f"{opts.transport} memory channel {opts.channel!r}"
         """Where this backend's steps live, for messages (a folder for file backends)."""
+        self._published_layout: tuple[list[str], list[weakref.ref], list[tuple], Layout] | None = None
 
     @staticmethod
     def _make_transport(kind: str, channel: str, keep: int) -> Transport:
@@ -118,7 +120,7 @@ class MemoryBackend:
     # ------------------------------------------------------------------ Backend protocol
     def write(self, step: int, state: StepState) -> None:
         model = state.tensors_only("memory", "publish")
-        layout = Layout.for_state(model, self.cast_to)
+        layout = self._layout_for(model)
         if not self._publishes():
             fill_snapshot(layout, model, None, self.bucket_bytes)  # take part in the gathers only
             return
@@ -168,6 +170,26 @@ class MemoryBackend:
         return self.transport.reclaim_stale()
 
     # ------------------------------------------------------------------ helpers
+    def _layout_for(self, model: Mapping[str, Any]) -> Layout:
+        """The publish layout, rebuilt only when the tensors change. A trainer publishes the
+        same parameter tensors every step, and building a layout is per-tensor Python work
+        (about 10 us a tensor: 30 ms of a 3000-tensor publish). Reused only for the very same
+        tensor objects (weak references: the cache keeps nothing alive) under the same names,
+        shapes and dtypes; a re-pointed parameter is a new object in the state dict."""
+        names, tensors = list(model), list(model.values())
+        shapes = [(t.shape, t.dtype) for t in tensors]
+        cached = self._published_layout
+        if (
+            cached is not None
+            and cached[0] == names
+            and all(ref() is t for ref, t in zip(cached[1], tensors, strict=True))
+            and cached[2] == shapes
+        ):
+            return cached[3]
+        layout = Layout.for_state(model, self.cast_to)
+        self._published_layout = (names, [weakref.ref(t) for t in tensors], shapes, layout)
+        return layout
+
     def _publishes(self) -> bool:
         """With ``shm`` one snapshot per host: rank 0 of the group writes, the others gather."""
         return self.transport.kind == "local" or rank(self.group) == 0
