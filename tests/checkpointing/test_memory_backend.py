@@ -374,6 +374,25 @@ def test_shm_damaged_slot_is_a_typed_error_and_receiver_is_untouched(tmp_path, u
     assert_state_equal(before, receiver.state_dict())
 
 
+@pytest.mark.parametrize("digest", ["checksum", "words_digest"])
+def test_data_checksums_see_two_flips_that_cancel_in_a_sum(digest):
+    """Found by the mutation fuzz: the same bit set in one 8-byte word and cleared in another
+    leaves a plain sum of the words unchanged. Both digests (host: xxh3; device: a plain and a
+    position-weighted sum, run here on the CPU) must see it, and a single flip too."""
+    from checkpointing.backends.memory import snapshot
+
+    fn = getattr(snapshot, digest)
+    raw = torch.zeros(128, dtype=torch.uint8)
+    raw[88] = 40
+    before = fn(raw)
+    raw[40] ^= 40
+    raw[88] ^= 40  # word 5 gains what word 11 loses
+    assert int(raw.view(torch.int64).sum()) == 40  # a plain sum cannot tell
+    assert fn(raw) != before
+    raw[3] ^= 1
+    assert fn(raw) != before
+
+
 def test_shm_verify_data_catches_a_flipped_byte_before_copying(tmp_path, unique_channel):
     model = build_titan_model(seed=0)
     receiver = build_titan_model(seed=1)

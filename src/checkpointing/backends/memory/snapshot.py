@@ -56,14 +56,29 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- optional verify
 def checksum(raw: torch.Tensor) -> int:
-    """A fast 64-bit fingerprint of a uint8 tensor: the wrapping sum of its 8-byte words plus
-    its tail and length. Vectorised (about the cost of one read of the bytes), it catches flipped
-    or torn bytes; it is not a cryptographic hash and does not claim to be."""
+    """A 64-bit digest of a uint8 tensor's bytes. In host memory: xxh3-64 (as the manifests of
+    file steps), about the cost of one read of the bytes. In device memory, where no host hash
+    can read it without a copy: a Fletcher-style pair of wrapping sums over the 8-byte words,
+    plain and position-weighted, so that two flips that cancel in a plain sum (one bit set here,
+    the same bit cleared in another word) still change the digest. Neither is cryptographic;
+    safety against crafted input comes from the parsers, as for files."""
+    if raw.device.type == "cpu":
+        import xxhash
+
+        return xxhash.xxh3_64_intdigest(raw.contiguous().numpy().data)
+    return words_digest(raw)
+
+
+def words_digest(raw: torch.Tensor) -> int:
+    """The device-memory digest of :func:`checksum` (runs on any device)."""
     n = raw.numel()
     whole = n // 8 * 8
-    total = int(raw[:whole].view(torch.int64).sum()) if whole else 0
+    words = raw[:whole].view(torch.int64)
+    plain = int(words.sum()) if whole else 0
+    weights = torch.arange(1, words.numel() + 1, dtype=torch.int64, device=raw.device)
+    weighted = int((words * weights).sum()) if whole else 0
     tail = int.from_bytes(bytes(raw[whole:].tolist()), "little") if whole < n else 0
-    return (total + tail * 0x9E3779B97F4A7C15 + n) & 0xFFFFFFFFFFFFFFFF
+    return (plain + weighted * 0x9E3779B97F4A7C15 + tail * 0xC2B2AE3D27D4EB4F + n) & 0xFFFFFFFFFFFFFFFF
 
 
 def checksums(layout: Layout, data: torch.Tensor) -> list[int]:
