@@ -52,6 +52,7 @@ _HOMES = {
     "safe_join": "checkpointing.safepath",
     "check_no_escaping_links": "checkpointing.safepath",
     "check_plain_files": "checkpointing.safepath",
+    "read_regular": "checkpointing.untrusted",
     "parse_json_strict": "checkpointing.backends.hf.safetensors_io",
     "read_safetensors_header": ("checkpointing.backends.hf.safetensors_io", "read_header"),
     # receivers
@@ -86,6 +87,7 @@ __all__ = [
     "safe_join",
     "check_no_escaping_links",
     "check_plain_files",
+    "read_regular",
     "parse_json_strict",
     "read_safetensors_header",
     "TensorSpec",
@@ -138,3 +140,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     )
     from .receiver import TensorSpec, check_fit
     from .safepath import check_no_escaping_links, check_plain_files, safe_join
+    from .untrusted import read_regular

@@ -305,6 +305,28 @@ def test_ckpt_verify_finds_damage_the_manifest_and_the_structure_check_see(tmp_p
     assert "CORRUPT" in out and "exp_avgX" in out, out
 
 
+def test_a_layout_without_its_extras_entry_is_corrupt_not_a_key_error(tmp_path):
+    """Found by the mutation fuzz: one flipped bit renames layout.json's "extras" key; with
+    verify = "size" nothing else notices, and the load died with a bare KeyError."""
+    from checkpointing import CorruptCheckpointError
+
+    model, opts, scheds = trained(seed=0)
+    with Checkpointer(model_parts=[model], optimizers=opts, lr_schedulers=scheds, checkpoint_config=config(),
+                      base_folder=str(tmp_path)) as c:
+        c.save(1)
+    layout = os.path.join(tmp_path, "checkpoint", "step-1", library.LAYOUT_FILE)
+    text = open(layout).read()
+    assert '"extras"' in text
+    open(layout, "w").write(text.replace('"extras"', '"extrat"', 1))  # same size: verify = "size" passes
+    other, other_opts, other_scheds = trained(seed=1)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with Checkpointer(model_parts=[other], optimizers=other_opts, lr_schedulers=other_scheds,
+                      checkpoint_config=config(verify="size"), base_folder=str(tmp_path)) as r:
+        with pytest.raises(CorruptCheckpointError, match="no extras entry"):
+            r.load()
+    assert_state_equal(before, other.state_dict())
+
+
 def test_a_fifo_in_a_step_is_refused_in_every_verify_mode_not_waited_on(tmp_path):
     """torch-checkpointing opens files with a plain open(): with verify = "off" nothing else
     looks at the files first, and a FIFO would block the load forever (found by the mutation

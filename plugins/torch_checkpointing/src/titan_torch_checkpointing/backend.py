@@ -38,6 +38,7 @@ from checkpointing.plugin import (
     check_plain_files,
     commit_directory,
     parse_json_strict,
+    read_regular,
     read_safetensors_header,
     safe_join,
     staged_directory,
@@ -211,8 +212,7 @@ def read_layout(path: str) -> dict[str, Any]:
     """``layout.json``, parsed strictly and checked for shape; CorruptCheckpointError otherwise."""
     file = safe_join(path, LAYOUT_FILE)
     try:
-        with open(file, "rb") as f:
-            raw = f.read(64 << 20)
+        raw = read_regular(file, 64 << 20, "step layout")
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{file} is missing", file) from None
     except OSError as e:
@@ -226,7 +226,9 @@ def read_layout(path: str) -> dict[str, Any]:
         raise bad(f"not a {LAYOUT_FORMAT} layout")
     if not _str_map(layout.get("model_aliases")):
         raise bad("model_aliases must map names to names")
-    extras = layout.get("extras")
+    if "extras" not in layout:
+        raise bad("has no extras entry (null, or {state: {...}, aliases: {...}})")
+    extras = layout["extras"]
     if extras is not None and not (
         isinstance(extras, dict) and isinstance(extras.get("state"), dict) and _str_map(extras.get("aliases"))
     ):
