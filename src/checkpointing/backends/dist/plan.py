@@ -242,7 +242,7 @@ def _buckets(pieces: list[Piece], limit: int) -> list[Bucket]:
     for piece in pieces:
         where = piece.snapshot_range()
         if current and span is not None:
-            if where is not None and span[1] <= where[0] <= align(span[1], ALIGN) and where[1] - span[0] <= limit:
+            if where is not None and _extends(span, where, piece.source.dtype.itemsize, limit):
                 current.append(_at(piece, where[0] - span[0]))
                 span = (span[0], where[1])
                 continue
@@ -258,6 +258,20 @@ def _buckets(pieces: list[Piece], limit: int) -> list[Bucket]:
         span, size = (where, 0) if where is not None else (None, piece.nbytes)
     close()
     return out
+
+
+def _extends(span: tuple[int, int], where: tuple[int, int], itemsize: int, limit: int) -> bool:
+    """Whether a piece at snapshot bytes ``where`` can join the span bucket ``span``: it follows
+    it (across alignment padding at most), the bucket stays within ``limit``, and the piece
+    lands at a multiple of its element size inside the bucket. Buckets land at ALIGN-aligned
+    offsets in the reader's staging, but a span may start mid-tensor (a shard that begins at
+    an odd float32), so a float64 tensor after it can sit at a misaligned bucket offset; it
+    starts a new bucket instead, and the reader can view it in place."""
+    return (
+        span[1] <= where[0] <= align(span[1], ALIGN)
+        and where[1] - span[0] <= limit
+        and (where[0] - span[0]) % itemsize == 0
+    )
 
 
 def _first_element(piece: Piece) -> int:
