@@ -9,9 +9,9 @@ TorchTitan import: ``ckpt --help`` starts at once, and a program pays only for w
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ._lazy import Home, lazy_exports
 from .errors import (
     AsyncSaveError,
     BackendNotFoundError,
@@ -23,29 +23,29 @@ from .errors import (
     UnsafeCheckpointError,
 )
 
-_LAZY = {
-    "Checkpointer": "manager",
-    "CheckpointStats": "manager",
-    "CheckpointConfig": "config",
-    "JobConfig": "config",
-    "load_job_config": "config",
-    "Backend": "backend",
-    "BackendContext": "backend",
-    "BackendSpec": "backend",
-    "Capabilities": "backend",
-    "StepState": "backend",
-    "Lease": "backend",
-    "CleansPartials": "backend",
-    "ReadsExternal": "backend",
-    "WritesExternal": "backend",
-    "Inspects": "backend",
-    "ViewReader": "backend",
-    "register_backend": "backend",
-    "available_backends": "backend",
-    "backend_spec": "backend",
-    "ENTRY_POINT_GROUP": "backend",
-    "TensorSink": "receiver",
-    "TensorSpec": "receiver",
+_LAZY: dict[str, Home] = {
+    "Checkpointer": "checkpointing.manager",
+    "CheckpointStats": "checkpointing.manager",
+    "CheckpointConfig": "checkpointing.config",
+    "JobConfig": "checkpointing.config",
+    "load_job_config": "checkpointing.config",
+    "Backend": "checkpointing.backend",
+    "BackendContext": "checkpointing.backend",
+    "BackendSpec": "checkpointing.backend",
+    "Capabilities": "checkpointing.backend",
+    "StepState": "checkpointing.backend",
+    "Lease": "checkpointing.backend",
+    "CleansPartials": "checkpointing.backend",
+    "ReadsExternal": "checkpointing.backend",
+    "WritesExternal": "checkpointing.backend",
+    "Inspects": "checkpointing.backend",
+    "ViewReader": "checkpointing.backend",
+    "register_backend": "checkpointing.backend",
+    "available_backends": "checkpointing.backend",
+    "backend_spec": "checkpointing.backend",
+    "ENTRY_POINT_GROUP": "checkpointing.backend",
+    "TensorSink": "checkpointing.receiver",
+    "TensorSpec": "checkpointing.receiver",
 }
 
 __all__ = [
@@ -82,17 +82,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY, __all__)
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs

@@ -26,10 +26,11 @@ the modules it uses.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-_HOMES = {
+from ._lazy import Home, lazy_exports
+
+_HOMES: dict[str, Home] = {
     # the seam
     "BackendSpec": "checkpointing.backend",
     "BackendContext": "checkpointing.backend",
@@ -101,18 +102,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module, attr = home if isinstance(home, tuple) else (home, name)
-    value = getattr(importlib.import_module(module), attr)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(globals(), _HOMES, __all__)
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs

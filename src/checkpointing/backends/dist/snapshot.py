@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 
 from ..._compat import foreach_copy
-from ..memory.local import _ReadWriteLock
+from ..memory.slot_lock import SlotLock
 from ..memory.transport import SlotInfo, complete_steps, odd_after, slot_holding, take_first_free, write_order
 from .errors import PeerGoneError
 from .layout import RankLayout
@@ -36,7 +36,7 @@ class Slot:
         self.data: torch.Tensor | None = None
         self.views: list[torch.Tensor] = []
         """One typed view per held tensor, shaped like this rank's box of it."""
-        self.lock = _ReadWriteLock()
+        self.lock = SlotLock()
 
     def info(self) -> SlotInfo:
         return SlotInfo(self.index, self.seq, self.step, self.order)

@@ -23,6 +23,7 @@ import torch
 from ...errors import StepNotFoundError
 from .errors import ChannelBusyError, ChannelNotFoundError, SlotsLeasedError, TornReadError
 from .layout import Layout
+from .slot_lock import SlotLock
 from .transport import (
     SPARE_SLOTS,
     WRITE_TIMEOUT_S,
@@ -38,41 +39,6 @@ from .transport import (
 )
 
 
-class _ReadWriteLock:
-    """Many readers or one writer, and nobody waits: a reader is told the slot is being
-    written, a writer that the slot is held (it tries another). Shared with the dist backend's
-    snapshots, which take their slots the same way."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writing = False
-
-    def try_shared(self) -> bool:
-        with self._cond:
-            if self._writing:
-                return False
-            self._readers += 1
-            return True
-
-    def release_shared(self) -> None:
-        with self._cond:
-            self._readers -= 1
-            self._cond.notify_all()
-
-    def try_exclusive(self) -> bool:
-        with self._cond:
-            if self._writing or self._readers:
-                return False
-            self._writing = True
-            return True
-
-    def release_exclusive(self) -> None:
-        with self._cond:
-            self._writing = False
-            self._cond.notify_all()
-
-
 class _Slot:
     def __init__(self, index: int) -> None:
         self.index = index
@@ -82,7 +48,7 @@ class _Slot:
         self.layout: Layout | None = None
         self.data: torch.Tensor | None = None
         self.checksums: list[int] | None = None
-        self.lock = _ReadWriteLock()
+        self.lock = SlotLock()
 
     def info(self) -> SlotInfo:
         before = self.seq
