@@ -41,7 +41,9 @@ class ModelState:
         if not self.parts:
             raise ValueError("model_parts is empty: give the Checkpointer at least one nn.Module")
         self._sd = self._collect()
+        self._specs: dict[str, TensorSpec] | None = None
         self._slots = self._weight_slots()
+        self._ties = self._tie_groups()
 
     def _collect(self) -> dict[str, Any]:
         return {k: v for part in self.parts for k, v in get_model_state_dict(part).items()}
@@ -55,10 +57,16 @@ class ModelState:
         for part in self.parts:
             set_model_state_dict(part, state_dict, options=StateDictOptions(strict=False))
         self._sd = self._collect()
+        self._specs = None
 
     # -- adopting tensors instead of copying into them
     def specs(self) -> dict[str, TensorSpec]:
-        return specs_of(self._sd)
+        """The receiver's shapes and dtypes, computed once: adopting or owning weights keeps
+        both (adopt refuses any other), so only a load that replaces tensors recomputes them.
+        One object across loads, which lets a backend skip a check it already made."""
+        if self._specs is None:
+            self._specs = specs_of(self._sd)
+        return self._specs
 
     def _weight_slots(self) -> dict[str, tuple[nn.Module, str]] | None:
         """State-dict key -> (module, attribute) of the parameter or buffer behind it; None
@@ -73,6 +81,16 @@ class ModelState:
             return None
         return {k: slots[k] for k in self._sd}
 
+    def _tie_groups(self) -> list[list[str]]:
+        """Keys whose slots hold one and the same tensor (tied weights), found once: after an
+        adoption a tied buffer is two view objects, but still one weight."""
+        if self._slots is None:
+            return []
+        groups: dict[int, list[str]] = {}
+        for key, (module, attr) in self._slots.items():
+            groups.setdefault(id(getattr(module, attr)), []).append(key)
+        return [keys for keys in groups.values() if len(keys) > 1]
+
     @property
     def adoptable(self) -> bool:
         """Every weight is a plain tensor in a slot the module lets us re-point."""
@@ -83,18 +101,17 @@ class ModelState:
         Refused (False, nothing changed) unless every tensor matches its weight's shape, dtype
         and device exactly; parameters stay the same objects, so optimizers and hooks that
         hold them keep working."""
-        if self._slots is None or set(tensors) != set(self._sd):
+        if self._slots is None or tensors.keys() != self._sd.keys():
             return False
-        tied: dict[int, torch.Tensor] = {}
         for key, current in self._sd.items():
             new = tensors[key]
             if new.shape != current.shape or new.dtype != current.dtype or new.device != current.device:
                 return False
-            module, attr = self._slots[key]
-            first = tied.setdefault(id(getattr(module, attr)), new)
-            if first is not new and (first.data_ptr(), first.stride()) != (new.data_ptr(), new.stride()):
+        for keys in self._ties:
+            first = tensors[keys[0]]
+            if any((t := tensors[k]) is not first and (t.data_ptr(), t.stride()) != (first.data_ptr(), first.stride()) for k in keys):
                 return False  # the receiver ties these keys, the version stores them apart
-        self._repoint({k: tensors[k] for k in self._sd})
+        self._repoint(tensors)
         return True
 
     def own_weights(self) -> None:
@@ -111,8 +128,9 @@ class ModelState:
             else:
                 setattr(module, attr, tensors[key])
         # What _collect() would return for these plain slots, without its cost (~0.2 ms per
-        # tensor, as much as the rest of a handoff): each weight, detached.
-        self._sd = {k: getattr(module, attr).detach() for k, (module, attr) in self._slots.items()}
+        # tensor, as much as the rest of a handoff): each weight's data, which the tensors are
+        # (plain tensors that need no grad; a parameter now shares their storage).
+        self._sd = {k: tensors[k].detach() if tensors[k].requires_grad else tensors[k] for k in self._slots}
 
 
 def plain_state(obj: Any) -> Any:

@@ -284,3 +284,28 @@ def test_shm_views_survive_the_reader_dropping_its_mappings(unique_channel):
         gc.collect()
         assert _equal(receiver, expected)
         assert torch.isfinite(receiver(torch.zeros(1, 4, dtype=torch.long))).all()
+
+
+@pytest.mark.parametrize("case", TRANSPORTS)
+def test_after_an_adoption_a_publisher_with_other_shapes_is_still_refused(case, unique_channel):
+    """An adopting reader checks the published layout against its specs once per layout, not
+    once per load; a new publisher on the channel with other shapes is still refused by name,
+    and the weights the reader holds stay as they were."""
+    from checkpointing import StateMismatchError
+
+    receiver = build_titan_model(seed=1)
+    with Checkpointer(model_parts=[receiver], checkpoint_config=_config(case, unique_channel, reader=True)) as reader:
+        first = build_titan_model(seed=0)
+        with Checkpointer(model_parts=[first], checkpoint_config=_config(case, unique_channel)) as writer:
+            writer.save(1)
+            assert reader.load() and reader.stats.last_load_path == "adopt"
+            held = {k: v.clone() for k, v in receiver.state_dict().items()}
+            writer.save(2)
+            assert reader.load() and reader.loaded_step == 2  # the same layout: the check is skipped
+        wider = build_titan_model(seed=0, dim=first.model_args.dim * 2)
+        with Checkpointer(model_parts=[wider], checkpoint_config=_config(case, unique_channel)) as writer:
+            writer.save(3)
+            with pytest.raises(StateMismatchError, match="shape") as err:
+                reader.load()
+            assert "tok_embeddings.weight" in err.value.keys
+        assert _equal(receiver, held)

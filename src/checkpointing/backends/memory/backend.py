@@ -108,6 +108,8 @@ class MemoryBackend:
         self.location = f"{opts.transport} memory channel {opts.channel!r}"
         """Where this backend's steps live, for messages (a folder for file backends)."""
         self._published_layout: tuple[list[str], list[weakref.ref], list[tuple], Layout] | None = None
+        self._fitted: tuple[Layout, Mapping[str, TensorSpec]] | None = None
+        """The last (layout, receiver specs) pair :meth:`open_views` checked and found to fit."""
 
     @staticmethod
     def _make_transport(kind: str, channel: str, keep: int) -> Transport:
@@ -144,8 +146,7 @@ class MemoryBackend:
         try:
             source = pinned.source
             layout = source.layout
-            stored = {name: TensorSpec(entry.shape, entry.dtype) for name in layout.names() if (entry := layout.entry(name))}
-            check_fit(specs, stored, source.label)
+            self._check_fit(layout, specs, source.label)
             if self.verify_data:
                 verify_checksums(layout, source.data, source.checksums, source.label)
             views = SnapshotViews(source.data)
@@ -170,6 +171,18 @@ class MemoryBackend:
         return self.transport.reclaim_stale()
 
     # ------------------------------------------------------------------ helpers
+    def _check_fit(self, layout: Layout, specs: Mapping[str, TensorSpec], label: str) -> None:
+        """Names both ways, shapes and dtypes of ``specs`` against ``layout``; skipped when
+        this very layout was checked against these very specs (both immutable: a publisher
+        reuses its layout object while its tensors stay the same, a module receiver its
+        specs), which is per-tensor work a many-small-tensor handoff would repeat each step."""
+        fitted = self._fitted
+        if fitted is not None and fitted[0] is layout and fitted[1] is specs:
+            return
+        stored = {name: TensorSpec(entry.shape, entry.dtype) for name in layout.names() if (entry := layout.entry(name))}
+        check_fit(specs, stored, label)
+        self._fitted = (layout, specs)
+
     def _layout_for(self, model: Mapping[str, Any]) -> Layout:
         """The publish layout, rebuilt only when the tensors change. A trainer publishes the
         same parameter tensors every step, and building a layout is per-tensor Python work
