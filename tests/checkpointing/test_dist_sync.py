@@ -207,6 +207,16 @@ class Trainer:
         self.send("stats")
         return self.collect("stats", range(WORLD))  # type: ignore[return-value]
 
+    def stats_once_served(self, syncs: int, timeout: float = 30) -> dict[int, tuple[int, int, bool]]:
+        """Every rank's stats, asked again until each has counted ``syncs`` served syncs: a rank
+        counts a sync after its last send returns, which can be just after the reader is done."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.stats()
+            if all(served >= syncs for _, served, _ in stats.values()) or time.monotonic() > deadline:
+                return stats
+            time.sleep(0.05)
+
     def close(self) -> None:
         for r, p in enumerate(self.ranks):
             if p.is_alive():
@@ -241,7 +251,7 @@ def test_fsdp_trainer_to_replicated_reader_bit_exact_planned_once(trainer, base)
     assert receiver.output.weight is receiver.tok_embeddings.weight  # ties survive
     # Planned on the first sync only: every later sync replayed the same buckets.
     assert reader.backend.plans_computed == 1
-    stats = trainer.stats()
+    stats = trainer.stats_once_served(4)
     assert all(plans == 1 and served >= 4 for plans, served, _ in stats.values()), stats
     # A named version: the newest is still held (keep_versions = 1), an older one is not.
     assert reader.load(step=4) is True
