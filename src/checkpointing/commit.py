@@ -197,6 +197,17 @@ class Manifest:
                     raise CorruptCheckpointError(f"checkpoint file {path} fails its checksum ({got}, manifest {want})", path)
 
 
+def manifest_backend(step_dir: str) -> str | None:
+    """The backend a step's manifest says wrote it; None without a readable manifest that names
+    one. Only the name is read (a small, size-capped regular file): no checksum is checked."""
+    try:
+        doc = parse_json(read_regular(os.path.join(step_dir, MANIFEST), MAX_MANIFEST_BYTES, "manifest"), step_dir, "manifest")
+    except (OSError, CheckpointError):
+        return None
+    backend = doc.get("backend") if isinstance(doc, dict) else None
+    return backend if isinstance(backend, str) and backend else None
+
+
 class StepDirectory:
     """``{folder}/step-N`` directories, committed atomically, listed and purged safely.
 
@@ -262,12 +273,9 @@ class StepDirectory:
     def _another_format(self, step_dir: str) -> bool:
         if self.foreign_marker and exists_here(os.path.join(step_dir, self.foreign_marker)):
             return False  # our format, whoever wrote it (TorchTitan, a backend wrapping ours)
-        try:
-            doc = parse_json(read_regular(os.path.join(step_dir, MANIFEST), MAX_MANIFEST_BYTES, "manifest"), step_dir, "manifest")
-        except (OSError, CheckpointError):
-            return False  # no manifest (a foreign step), or a damaged one: listed, checked on load
-        backend = doc.get("backend") if isinstance(doc, dict) else None
-        return isinstance(backend, str) and backend != "" and backend != self.backend
+        # No manifest (a foreign step) or a damaged one (None): listed, checked on load.
+        backend = manifest_backend(step_dir)
+        return backend is not None and backend != self.backend
 
     # --- writing -------------------------------------------------------------------------
     @contextlib.contextmanager

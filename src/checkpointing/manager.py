@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import _compat
+from . import _compat, distributed, mixed_folder
 from .backend import (
     Backend,
     BackendContext,
@@ -387,6 +387,10 @@ class Checkpointer:
         begin = time.monotonic()
         requested = step if step != -1 else self.config.load_step
         steps = self.backend.steps()
+        if requested == -1 and self.capabilities.persistent and distributed.rank() == 0:
+            passed_over = mixed_folder.newer_elsewhere_warning(self.folder, self.backend_name, steps)
+            if passed_over:
+                log.warning(passed_over)
         if not steps:
             if requested != -1:
                 raise StepNotFoundError(

@@ -5,13 +5,16 @@ TorchTitan 0.2.2's step scan (``CheckpointManager._find_load_step``) takes every
 name contains ``step-(\\d+)`` and that holds either ``.metadata`` (DCP) or
 ``model.safetensors.index.json`` (a Hugging Face directory), picks the highest number, and
 loads it *as DCP*. When that step is one of our ``hf`` steps the load dies with
-``AssertionError: metadata is None``. Our own Checkpointer lists the steps of its folder
-regardless of format, so a ``dcp`` Checkpointer over ``hf`` steps fails the same way.
+``AssertionError: metadata is None``. Our own Checkpointer lists only its own backend's steps
+(by the backend each step's manifest names), so it does not fail there; it would instead pass
+over newer steps of another backend without a word.
 
 We keep ``hf`` steps standard Hugging Face directories (``transformers`` and vLLM load
 ``step-N`` as it is) and warn instead: :func:`warning` names the folder, the steps of each
 kind and the fix (one ``checkpoint.folder`` per format). ``ckpt inspect`` prints it, and
 TorchTitan's trainer logs it when it builds our Checkpointer (:mod:`checkpointing.torchtitan`).
+Every Checkpointer that resumes logs :func:`newer_elsewhere_warning` when the step it resumes
+from is older than another backend's steps in the same folder.
 Why not a layout the stock scan skips: see docs/backends.md, "hf steps and TorchTitan's own
 CheckpointManager".
 """
@@ -22,6 +25,8 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
+
+from .commit import manifest_backend, parse_step_name
 
 # What TorchTitan's scan looks for (torchtitan/components/checkpoint.py, _find_load_step).
 TITAN_STEP = re.compile(r"step-(\d+)")
@@ -78,6 +83,43 @@ def warning(folder: str, writes: str | None = None) -> str | None:
         "as DCP, failing on an hf step (AssertionError: metadata is None), and a Checkpointer configured for "
         "one format cannot read the other's steps. Give each format its own checkpoint.folder (or "
         "job.dump_folder)."
+    )
+
+
+def other_backends_steps(folder: str, backend: str) -> dict[str, list[int]]:
+    """Committed ``step-N`` directories of ``folder`` whose manifest names another backend than
+    ``backend``, by that backend: the steps a ``backend`` Checkpointer does not list."""
+    found: dict[str, list[int]] = {}
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    for name in names:
+        step = parse_step_name(name)
+        path = os.path.join(folder, name)
+        if step is None or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        owner = manifest_backend(path)
+        if owner is not None and owner != backend:
+            found.setdefault(owner, []).append(step)
+    return {k: sorted(v) for k, v in sorted(found.items())}
+
+
+def newer_elsewhere_warning(folder: str, backend: str, steps: list[int]) -> str | None:
+    """The warning for a resume that would pass over newer steps another backend wrote in the
+    same folder (a job whose ``checkpoint.backend`` changed, ``last_save_in_hf``'s export), or
+    None. ``steps``: the steps ``backend`` lists there."""
+    newest = steps[-1] if steps else -1
+    newer = {name: [s for s in found if s > newest] for name, found in other_backends_steps(folder, backend).items()}
+    newer = {name: found for name, found in newer.items() if found}
+    if not newer:
+        return None
+    listed = "; ".join(f"{name} steps {found}" for name, found in newer.items())
+    resumes = f"resumes from step {newest}" if steps else "finds nothing to resume from"
+    return (
+        f"{folder} holds {listed}, newer than any {backend} step there, which a {backend} Checkpointer "
+        f"does not read: this load {resumes}. To resume from them, set checkpoint.backend to the backend "
+        "that wrote them; to keep the formats apart, give each its own checkpoint.folder."
     )
 
 

@@ -93,3 +93,33 @@ def test_the_trainers_checkpointer_warns_before_a_folder_becomes_mixed(tmp_path,
     assert bool(said) == warns, said
     if warns:
         assert str(tmp_path / "checkpoint") in said[0] and "[2]" in said[0]
+
+
+@pytest.mark.parametrize("mine, theirs, resumes", [
+    ([2], [4], 2),       # the backend changed from dcp to hf and back: hf step 4 is newer
+    ([], [4], None),     # only the other format's steps: a silent fresh start without the warning
+    ([4], [2], 4),       # the other format's steps are older: nothing is passed over, no warning
+])
+def test_every_checkpointer_warns_when_a_resume_passes_over_newer_steps_of_another_backend(
+    tmp_path, model, caplog, mine, theirs, resumes
+):
+    """A Checkpointer lists only its own backend's steps; a resume that passes over newer steps
+    another backend wrote in the same folder says so, naming them, whatever built the Checkpointer."""
+    for step in mine:
+        save(tmp_path, "dcp", step, model)
+    for step in theirs:
+        save(tmp_path, "hf", step, model)
+    cfg = CheckpointConfig(enable=True, backend="dcp", folder="checkpoint", load_only=True)
+    with caplog.at_level(logging.WARNING, logger="checkpointing"), Checkpointer(
+        model_parts=[model], checkpoint_config=cfg, base_folder=str(tmp_path)
+    ) as reader:
+        loaded = reader.load()
+        assert (reader.loaded_step if loaded else None) == resumes
+    said = [r.getMessage() for r in caplog.records if "newer than any dcp step" in r.getMessage()]
+    if theirs[0] < (mine or [-1])[-1]:
+        assert said == []
+        return
+    assert len(said) == 1, said
+    assert f"hf steps {theirs}" in said[0] and str(tmp_path / "checkpoint") in said[0]
+    assert ("resumes from step 2" if mine else "finds nothing to resume from") in said[0]
+    assert "checkpoint.backend" in said[0]
