@@ -118,7 +118,8 @@ class _Segment:
         raw = os.pread(self.fd, length, MANIFEST_AT)
         if manifest_crc(raw) != crc:
             raise CorruptCheckpointError(f"{label}: manifest fails its CRC32", self.path)
-        parsed = parse_manifest(raw, data_len, self.path)
+        known = self._manifest[1][0] if self._manifest is not None else None
+        parsed = parse_manifest(raw, data_len, self.path, known)
         self._manifest = (key, parsed)
         return parsed
 
