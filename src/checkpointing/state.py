@@ -44,6 +44,7 @@ class ModelState:
         self._specs: dict[str, TensorSpec] | None = None
         self._slots = self._weight_slots()
         self._ties = self._tie_groups()
+        self._tied_followers = {k for keys in self._ties for k in keys[1:]}
 
     def _collect(self) -> dict[str, Any]:
         return {k: v for part in self.parts for k, v in get_model_state_dict(part).items()}
@@ -117,7 +118,10 @@ class ModelState:
     def own_weights(self) -> None:
         """Give adopted weights storage of their own (before the snapshot they view goes away)."""
         if self._slots is not None:
-            self._repoint({k: v.clone() for k, v in self._sd.items()})
+            owned = {k: v.clone() for k, v in self._sd.items() if k not in self._tied_followers}
+            for keys in self._ties:  # one copy per tied weight, shared as before the adoption
+                owned.update(dict.fromkeys(keys[1:], owned[keys[0]]))
+            self._repoint(owned)
 
     def _repoint(self, tensors: Mapping[str, torch.Tensor]) -> None:
         assert self._slots is not None

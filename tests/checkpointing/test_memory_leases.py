@@ -309,3 +309,25 @@ def test_after_an_adoption_a_publisher_with_other_shapes_is_still_refused(case, 
                 reader.load()
             assert "tok_embeddings.weight" in err.value.keys
         assert _equal(receiver, held)
+
+
+def test_owning_adopted_weights_keeps_one_copy_per_tied_weight(unique_channel):
+    """When the lease goes, the receiver copies its weights out once per weight: tied keys share
+    the one copy, and the state the Checkpointer saves or loads into *is* the module's weights."""
+    from checkpointing.state import ModelState
+
+    model = build_titan_model(seed=0)
+    receiver = build_titan_model(seed=1)
+    with Checkpointer(model_parts=[model], checkpoint_config=_config("memory-local", unique_channel)) as writer, Checkpointer(
+        model_parts=[receiver], checkpoint_config=_config("memory-local", unique_channel, reader=True)
+    ) as reader:
+        writer.save(1)
+        assert reader.load() and reader.stats.last_load_path == "adopt"
+        state: ModelState = reader.model
+    assert _owns_storage(receiver)
+    assert receiver.output.weight is receiver.tok_embeddings.weight
+    module_weights = dict(receiver.named_parameters(remove_duplicate=False))
+    for key, held in state.state_dict().items():
+        if key in module_weights:
+            assert held.data_ptr() == module_weights[key].data_ptr(), f"{key} is not the module's weight after the copy-out"
+    assert _equal(receiver, model.state_dict())
