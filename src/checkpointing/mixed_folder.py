@@ -86,35 +86,28 @@ def warning(folder: str, writes: str | None = None) -> str | None:
     )
 
 
-def other_backends_steps(folder: str, backend: str) -> dict[str, list[int]]:
-    """Committed ``step-N`` directories of ``folder`` whose manifest names another backend than
-    ``backend``, by that backend: the steps a ``backend`` Checkpointer does not list."""
-    found: dict[str, list[int]] = {}
-    try:
-        names = os.listdir(folder)
-    except (FileNotFoundError, NotADirectoryError):
-        return found
-    for name in names:
-        step = parse_step_name(name)
-        path = os.path.join(folder, name)
-        if step is None or os.path.islink(path) or not os.path.isdir(path):
-            continue
-        owner = manifest_backend(path)
-        if owner is not None and owner != backend:
-            found.setdefault(owner, []).append(step)
-    return {k: sorted(v) for k, v in sorted(found.items())}
-
-
 def newer_elsewhere_warning(folder: str, backend: str, steps: list[int]) -> str | None:
     """The warning for a resume that would pass over newer steps another backend wrote in the
     same folder (a job whose ``checkpoint.backend`` changed, ``last_save_in_hf``'s export), or
-    None. ``steps``: the steps ``backend`` lists there."""
+    None. ``steps``: the steps ``backend`` lists there. Only ``step-N`` directories newer than
+    the newest of them are looked at (a reader that loads every step reads no manifest twice)."""
     newest = steps[-1] if steps else -1
-    newer = {name: [s for s in found if s > newest] for name, found in other_backends_steps(folder, backend).items()}
-    newer = {name: found for name, found in newer.items() if found}
+    newer: dict[str, list[int]] = {}
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    for name in names:
+        step = parse_step_name(name)
+        path = os.path.join(folder, name)
+        if step is None or step <= newest or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        owner = manifest_backend(path)
+        if owner is not None and owner != backend:
+            newer.setdefault(owner, []).append(step)
     if not newer:
         return None
-    listed = "; ".join(f"{name} steps {found}" for name, found in newer.items())
+    listed = "; ".join(f"{name} steps {sorted(found)}" for name, found in sorted(newer.items()))
     resumes = f"resumes from step {newest}" if steps else "finds nothing to resume from"
     return (
         f"{folder} holds {listed}, newer than any {backend} step there, which a {backend} Checkpointer "

@@ -213,7 +213,7 @@ def parse_manifest(
         raise bad(f"format is not {MANIFEST_FORMAT!r}")
     version, tensors, aliases, checksums = doc.get("version"), doc.get("tensors"), doc.get("aliases"), doc.get("checksums")
     if not _is_int(version):
-        raise bad("version is not an integer")  # the first check, before the table's
+        raise bad("version is not an integer")  # named before any fault in the table
     if not isinstance(tensors, list) or not isinstance(aliases, dict):
         raise bad("tensors/aliases missing")
     entries = [_parse_entry(t, data_len, bad) for t in tensors]
